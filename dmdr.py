@@ -1,0 +1,892 @@
+"""DMDR on Stable Diffusion: Distribution Matching Distillation meets Reinforcement Learning, in one file.
+
+Distils an SD1.x/2.x teacher into a K-step generator (K in 1, 2, 4) from prompts alone (no images):
+the DMD gradient (E8) from a frozen real score (the teacher with CFG) and a fake score (the teacher plus a
+trainable LoRA, E9), the DMDR cold start (DynaDG E10, DynaRS E11) and an RL branch (ReFL / DPO / GRPO, E12).
+Equation tags refer to METHOD.md sections 5-6.
+
+    python dmdr.py --teacher sd15 --steps 4                       # DMD + ReFL (RL from step 20k), CUDA
+    python dmdr.py --teacher sd15 --steps 1 --rl none             # distillation only
+    python dmdr.py --teacher tiny --iters 20 --rl grpo --rl-start 0 --device cpu   # offline smoke run
+    python dmdr.py --teacher sd15 --steps 4 --out runs/dmdr --resume              # continue a run exactly
+
+The generator is saved as a complete diffusers pipeline (LCMScheduler set to the generator's grid):
+
+    pipe = StableDiffusionPipeline.from_pretrained("runs/dmdr/generator")
+    image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale=0).images[0]  # t = 999,749,499,249
+
+Outputs in --out: config.json, metrics.jsonl (per iteration: dmd_loss, grad_norm = RMS of the DMD gradient g,
+fake_loss, rl_loss, reward, dynadg_scale, dynars_mean, sec_generator/sec_fake/sec_rl, and eval_* every
+--eval-every), samples_NNNNNN.png (held-out prompts: generator row above teacher row), checkpoint.pt (atomic;
+--resume continues exactly; Ctrl-C finishes the iteration and checkpoints), generator/ (diffusers pipeline).
+
+Precision: on CUDA the frozen parts are bf16 under a bf16 autocast, the trainable parts (LoRAs, a full generator)
+fp32; attention is torch SDPA (diffusers' default processor); --gradient-checkpointing for the UNets and the VAE.
+These CUDA paths are written but were not run in development (CPU only); the CPU path is float32.
+
+Memory layout: ONE UNet holds the teacher's weights (frozen). The fake score is a peft LoRA adapter "fake" on
+it and a LoRA generator is a second adapter "generator" on it; the real score is the same UNet with adapters
+off (or, under DynaDG, with "fake" at a reduced scale). A full generator (`--generator full`, DMD2's
+choice) is necessarily a second, trainable copy.
+"""
+import argparse
+import contextlib
+import copy
+import functools
+import gzip
+import json
+import math
+import os
+import random
+import re
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SUPPORTED_STEPS = (1, 2, 4)  # our choice: trailing grids that divide 1000
+TEACHER_ALIASES = ("sd15", "tiny", "sd15-random")
+REWARD_TERMS = ("clip_text",)  # image-free rewards of the generator's image and its prompt
+DEFAULT_PROMPTS = [
+    "a photo of a cat sitting on a windowsill", "a red vintage car parked on a cobblestone street",
+    "an astronaut riding a horse on the moon", "a bowl of ramen with a soft boiled egg",
+    "a lighthouse on a cliff at sunset", "a watercolor painting of a fox in a snowy forest",
+    "a cozy wooden cabin in the mountains", "a close-up portrait of an old fisherman",
+    "a futuristic city skyline at night with neon lights", "a teddy bear reading a book in a library",
+    "a field of sunflowers under a blue sky", "a steaming cup of coffee on a wooden table",
+    "a corgi wearing sunglasses on the beach", "an oil painting of a sailing ship in a storm",
+    "a plate of fresh sushi", "a medieval castle surrounded by fog", "a hummingbird drinking from a flower",
+    "a bicycle leaning against a brick wall", "a snowy owl perched on a branch", "a glass of orange juice with ice",
+    "a tiger walking through tall grass", "a robot painting a portrait", "a stack of pancakes with blueberries",
+    "a koala sleeping in a tree",
+]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config (every flag; defaults from the papers unless marked "our choice")
+# ---------------------------------------------------------------------------------------------------
+def flag(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    teacher: str = flag("sd15", "sd15 (hub stable-diffusion-v1-5), a hub id owner/name, a local diffusers folder "
+                        "(SD1.x/2.x, epsilon), or offline random weights: tiny | sd15-random")
+    steps: int = flag(4, f"generator steps K, one of {SUPPORTED_STEPS}; trailing grid (K=4: 999,749,499,249)")
+    generator: str = flag("full", "train the full UNet (DMD2; a second UNet copy) or a LoRA adapter on the shared "
+                          "UNet", choices=["full", "lora"])
+    generator_lora_rank: int = flag(64, "rank of the generator LoRA on attention q,k,v,out (our choice)")
+    lr: float = flag(None, "generator AdamW lr (default: 1e-5 full as DMD2, 1e-4 LoRA, our choice)")
+    fake_lr: float = flag(1e-5, "fake-score LoRA lr (DMD2: 1e-5)")
+    fake_updates: int = flag(5, "fake-score updates per generator update (two time-scale; DMDR 5, DMD2 10)")
+    fake_lora_rank: int = flag(32, "fake-score LoRA rank on attention q/v (DMDR: 32)")
+    fake_lora_scale: float = flag(2.0, "fake-score LoRA scale alpha/rank (DMDR: 2.0)")
+    real_guidance: float = flag(1.75, "CFG of the real score (DMD2 on SD1.5: 1.75; higher for aesthetics)")
+    dynadg: bool = flag(True, "turn off DynaDG (E10: the fake LoRA inside the real score at a decaying scale)")
+    dynadg_lambda0: float = flag(0.75, "DynaDG start scale lambda_0, times the fake LoRA's alpha/rank (E10)")
+    dynadg_steps: int = flag(10000, "DynaDG horizon S in generator steps (E10)")
+    dynars: bool = flag(True, "turn off DynaRS (E11: Beta-scheduled renoise times); then uniform in [20, 980]")
+    dynars_a0: float = flag(4.0, "DynaRS Beta a at step 0 (E11)")
+    dynars_b0: float = flag(1.5, "DynaRS Beta b at step 0 (E11)")
+    dynars_steps: int = flag(10000, "DynaRS horizon S in generator steps (E11)")
+    rl: str = flag("refl", "RL branch (E12): ReFL, Diffusion-DPO on reward-ranked pairs, GRPO, or none",
+                   choices=["none", "refl", "dpo", "grpo"])
+    rl_weight: float = flag(None, "lambda_rl in L = L_dmd + lambda_rl L_rl (default 0.05, official demo); needs --rl")
+    rl_start: int = flag(20000, "generator step at which the RL branch starts (cold start; official demo 20k)")
+    reward: str = flag("clip_text=1", "reward terms name=weight,...; clip_text: open_clip text-image cosine")
+    reward_weights: str = flag(None, "reward model weights (default: random for tiny/sd15-random, else pretrained)",
+                               choices=["pretrained", "random"])
+    clip_model: str = flag("ViT-H-14", "open_clip architecture of the reward and the eval features")
+    clip_pretrained: str = flag("laion2b_s32b_b79k", "open_clip pretrained tag")
+    dpo_beta: float = flag(5000.0, "Diffusion-DPO beta (Diffusion-DPO on SD1.5: 5000)")
+    grpo_group: int = flag(4, "GRPO group size G per prompt (E4)")
+    grpo_eta: float = flag(1.0, "eta of the stochastic last generator step for GRPO (E1)")
+    grpo_clip: float = flag(1e-4, "clip range of the GRPO surrogate (E5; DDPO's value)")
+    prompts: str = flag(None, "text file, one prompt a line (default: built-in); the last --num-eval-prompts "
+                        "are held out")
+    num_eval_prompts: int = flag(4, "held-out prompts for evaluation (>= 2)")
+    batch_size: int = flag(4, "prompts per generator update (our choice for one GPU; DMD2 used 2048 on 64 GPUs)")
+    iters: int = flag(40000, "generator updates (DMD2 SD1.5: ~40k)")
+    eval_every: int = flag(1000, "evaluate on the held-out prompts every N iterations (and at the end)")
+    eval_teacher_steps: int = flag(25, "DDIM steps of the teacher's reference images")
+    eval_teacher_guidance: float = flag(7.5, "CFG of the teacher's reference images")
+    save_every: int = flag(500, "checkpoint every N iterations (atomic; also at the end and on Ctrl-C)")
+    max_grad_norm: float = flag(10.0, "gradient clipping for both optimisers (DMD2: 10)")
+    gradient_checkpointing: bool = flag(False, "recompute activations of the UNets and the VAE in backward")
+    out: str = flag("runs/dmdr", "output folder")
+    device: str = flag("auto", "cuda: bf16 autocast, frozen parts bf16; cpu: float32", choices=["auto", "cuda", "cpu"])
+    resume: bool = flag(False, "continue exactly from <out>/checkpoint.pt")
+    seed: int = flag(0, "seed of all sampling")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(Config):
+        name, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type in (bool, "bool"):  # True by default -> a --no-... switch (absent: the dataclass default)
+            parser.add_argument(name.replace("--", "--no-") if f.default else name, dest=f.name, help=help,
+                                action="store_false" if f.default else "store_true", default=argparse.SUPPRESS)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(str(f.type), f.type)
+            parser.add_argument(name, type=kind, default=f.default, help=help, choices=f.metadata.get("choices"))
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def fail(message, fix):
+    """User mistakes end in one line that names the fix."""
+    raise SystemExit(f"error: {message} (fix: {fix})")
+
+
+def check_teacher(name):
+    """An alias, an existing diffusers folder or a hub id owner/name; anything else fails before loading."""
+    if name in TEACHER_ALIASES:
+        return
+    folder = os.path.expanduser(name)
+    if os.path.isdir(folder):
+        if not os.path.isfile(os.path.join(folder, "model_index.json")):
+            fail(f"teacher folder '{name}' has no model_index.json",
+                 "pass a diffusers pipeline folder (save_pretrained)")
+    elif name.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        fail(f"unknown teacher '{name}'",
+             f"use {', '.join(TEACHER_ALIASES)}, a hub id owner/name or an existing folder")
+
+
+def validate(cfg):
+    """Every user mistake visible before loading a model -> one line. Returns (train_prompts, eval_prompts)."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda but CUDA is not available", "use --device cpu or auto, or install a CUDA build of torch")
+    check_teacher(cfg.teacher)
+    if cfg.steps not in SUPPORTED_STEPS:
+        fail(f"--steps {cfg.steps} is not supported", f"use one of {', '.join(map(str, SUPPORTED_STEPS))}")
+    if cfg.rl == "none" and cfg.rl_weight is not None:
+        fail("--rl-weight given but --rl is none", "choose --rl refl|dpo|grpo, or drop --rl-weight")
+    if cfg.rl != "none" and cfg.rl_weight is None:
+        cfg.rl_weight = 0.05  # official demo
+    if cfg.lr is None:
+        cfg.lr = 1e-5 if cfg.generator == "full" else 1e-4  # DMD2 / our choice
+    if cfg.rl == "grpo" and cfg.grpo_group < 2:
+        fail(f"--grpo-group {cfg.grpo_group}: GRPO normalises within a group", "use --grpo-group 4")
+    for name in ("iters", "batch_size", "eval_every", "save_every", "eval_teacher_steps"):
+        if getattr(cfg, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be positive", "pass a positive integer")
+    if cfg.fake_updates < 0 or cfg.num_eval_prompts < 2:
+        fail("--fake-updates must be >= 0 and --num-eval-prompts >= 2 (the Frechet distance needs a covariance)",
+             "e.g. --fake-updates 5 --num-eval-prompts 4")
+    parse_reward(cfg.reward)
+    if cfg.prompts is None:
+        prompts = list(DEFAULT_PROMPTS)
+    elif not os.path.isfile(cfg.prompts):
+        fail(f"prompt file '{cfg.prompts}' not found", "pass an existing text file, one prompt a line")
+    else:
+        prompts = [ln.strip() for ln in Path(cfg.prompts).read_text().splitlines() if ln.strip()]
+    if not prompts:
+        fail(f"prompt file '{cfg.prompts}' is empty", "write one prompt a line, or leave out --prompts")
+    if len(prompts) <= cfg.num_eval_prompts:
+        fail(f"{len(prompts)} prompts but {cfg.num_eval_prompts} are held out for evaluation",
+             "give more prompts or lower --num-eval-prompts")
+    out = Path(cfg.out)
+    if cfg.resume and not (out / "checkpoint.pt").exists():
+        fail(f"--resume but {out / 'checkpoint.pt'} does not exist", "run without --resume, or point --out at the run")
+    if not cfg.resume and ((out / "checkpoint.pt").exists() or (out / "metrics.jsonl").exists()):
+        fail(f"{out} already holds a run", "pass --resume to continue it, or choose another --out")
+    if cfg.resume:
+        saved = json.loads((out / "config.json").read_text())
+        free = {"iters", "resume", "device", "eval_every", "save_every"}
+        changed = [k for k, v in asdict(cfg).items() if k not in free and saved.get(k, v) != v]
+        if changed:
+            fail(f"--resume with different settings: {', '.join(changed)}", "resume with the values in config.json")
+    return prompts[:-cfg.num_eval_prompts], prompts[-cfg.num_eval_prompts:]
+
+
+def parse_reward(spec):
+    """'clip_text=1' -> {'clip_text': 1.0}."""
+    weights = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, value = part.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            fail(f"bad --reward term '{part}'", "write name=weight, e.g. --reward clip_text=1")
+        if name.strip() not in REWARD_TERMS:
+            fail(f"unknown reward '{name.strip()}'", f"use {', '.join(REWARD_TERMS)}")
+    if not any(weights.values()):
+        fail("--reward has no non-zero weight", "e.g. --reward clip_text=1")
+    return weights
+
+
+# ---------------------------------------------------------------------------------------------------
+# Teachers: sd15 / hub id / local folder, and the offline random-weight aliases tiny and sd15-random
+# ---------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def offline_clip_tokenizer():
+    """SD's CLIP tokenizer built from the BPE file open_clip ships (no hub): byte table, then merges."""
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTokenizer
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]  # 49408 tokens
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
+        Path(d, "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        return CLIPTokenizer(str(Path(d, "vocab.json")), str(Path(d, "merges.txt")), model_max_length=77)
+
+
+def random_teacher(name):
+    """tiny: diffusers' test-sized SD; sd15-random: SD1.5's architecture. Random weights, seeded per component."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    tiny = name == "tiny"
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(32, 64), layers_per_block=2, cross_attention_dim=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    ) if tiny else UNet2DConditionModel(
+        sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    torch.manual_seed(0)
+    channels = [32, 64] if tiny else [128, 256, 512, 512]
+    vae = AutoencoderKL(block_out_channels=channels, latent_channels=4, layers_per_block=1 if tiny else 2,
+                        down_block_types=["DownEncoderBlock2D"] * len(channels),
+                        up_block_types=["UpDecoderBlock2D"] * len(channels), sample_size=32 if tiny else 512)
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37) if tiny else \
+        dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+             hidden_act="quick_gelu", projection_dim=768)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                                                eos_token_id=49407, pad_token_id=49407, **text))
+    return unet, vae, text_encoder, offline_clip_tokenizer()
+
+
+def sd_scheduler():
+    """SD's DDIM config; only its alphas_cumprod is used for training (the math is ours)."""
+    from diffusers import DDIMScheduler
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
+def load_teacher(name):
+    """-> unet, vae, text_encoder, tokenizer (float32, CPU)."""
+    if name in ("tiny", "sd15-random"):
+        return random_teacher(name)
+    from diffusers import StableDiffusionPipeline
+    repo = SD15 if name == "sd15" else os.path.expanduser(name)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(repo, torch_dtype=torch.float32, safety_checker=None)
+    except Exception as e:  # noqa: BLE001 - hub offline, gated repo, not an SD pipeline ...
+        fail(f"could not load teacher '{name}': {str(e).splitlines()[0][:200]}",
+             "check the hub id / network, or pass a local folder")
+    if pipe.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
+        fail(f"teacher '{name}' is {pipe.scheduler.config.prediction_type}-prediction",
+             "use an epsilon model, e.g. SD1.5 or SD2-base")
+    return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+
+
+@dataclass
+class Models:
+    unet: torch.nn.Module  # the ONE copy of the teacher's weights (frozen) + adapter "fake" (+ "generator")
+    gen_unet: torch.nn.Module  # is `unet` for a LoRA generator, a trainable copy for a full one
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    clip: torch.nn.Module  # open_clip model: the reward and the eval features
+    clip_tokenizer: object
+    alphas_cumprod: torch.Tensor  # (1000,) float32
+    timesteps: torch.Tensor  # (K,) the generator's grid
+    device: torch.device
+    ctx: object  # () -> a fresh autocast context (bf16 on CUDA) or nullcontext (CPU, float32)
+    lora_generator: bool
+    uncond: torch.Tensor = None  # (1, 77, D) embedding of "" for CFG
+
+
+def lora_params(unet, adapter):
+    return [p for n, p in unet.named_parameters() if f".{adapter}." in n]
+
+
+def build_models(cfg, device):
+    from peft import LoraConfig
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    unet, vae, text_encoder, tokenizer = load_teacher(cfg.teacher)
+    unet.requires_grad_(False)
+    gen_unet = None
+    if cfg.generator == "full":  # the generator starts as the teacher: a second (fp32, trainable) copy
+        gen_unet = copy.deepcopy(unet).requires_grad_(True).to(device)
+    unet.to(device, dtype)
+    # E9: fake score = teacher + LoRA on attention q/v, scale alpha/r = fake_lora_scale (DMDR: rank 32, 2.0)
+    unet.add_adapter(LoraConfig(r=cfg.fake_lora_rank, lora_alpha=cfg.fake_lora_scale * cfg.fake_lora_rank,
+                                target_modules=["to_q", "to_v"], init_lora_weights=True), adapter_name="fake")
+    if cfg.generator == "lora":  # B = 0 at init, so the generator starts exactly as the teacher
+        unet.add_adapter(LoraConfig(r=cfg.generator_lora_rank, lora_alpha=cfg.generator_lora_rank,
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="generator")
+        gen_unet = unet
+    for p in lora_params(unet, "fake") + lora_params(unet, "generator"):
+        p.data = p.data.float()  # trainable adapters stay fp32 over bf16 base weights
+    if cfg.gradient_checkpointing:
+        for model in (unet, gen_unet, vae):
+            model.enable_gradient_checkpointing()
+    vae.requires_grad_(False).to(device, dtype)
+    text_encoder.requires_grad_(False).to(device, dtype)
+    clip, clip_tokenizer = load_clip(cfg, device, dtype)
+    return Models(unet, gen_unet, vae, text_encoder, tokenizer, clip, clip_tokenizer,
+                  sd_scheduler().alphas_cumprod.float().to(device), trailing_timesteps(cfg.steps).to(device), device,
+                  functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext,
+                  cfg.generator == "lora")
+
+
+def use_adapter(unet, name=None, scale=1.0):
+    """Switch the shared UNet: None = the plain teacher; "fake"/"generator" at `scale` x its alpha/r.
+    (peft also flips requires_grad: only the active adapter is trainable.)"""
+    if name is None or scale == 0:
+        unet.disable_adapters()
+    else:
+        unet.enable_adapters()
+        unet.set_adapters([name], weights=[scale])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared pure functions (same names and semantics as toy/, cross-checked by the tests)
+# ---------------------------------------------------------------------------------------------------
+def trailing_timesteps(num_steps, num_train_timesteps=1000):
+    """Evenly spaced "trailing" grid t_1 > ... > t_K (K=4: 999, 749, 499, 249; K=1: 999)."""
+    grid = torch.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps, dtype=torch.float64)
+    return (grid.round() - 1).long()
+
+
+def _expand(v, like):
+    """(B,) or scalar -> broadcastable against `like` (B, ...)."""
+    v = torch.as_tensor(v, dtype=like.dtype, device=like.device)
+    return v.reshape(v.shape + (1,) * (like.dim() - v.dim())) if v.dim() > 0 else v
+
+
+def _abar(alphas_cumprod, t):
+    """abar_t; t < 0 = after the last step -> alphas_cumprod[0] (SD's set_alpha_to_one=False)."""
+    t = torch.as_tensor(t, device=alphas_cumprod.device)
+    return torch.where(t >= 0, alphas_cumprod[t.clamp(min=0)], alphas_cumprod[0])
+
+
+def x0_from_eps(x_t, eps, abar_t):
+    abar_t = _expand(abar_t, x_t)
+    return (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
+
+
+def add_noise(x0, noise, abar_t):
+    abar_t = _expand(abar_t, x0)
+    return abar_t.sqrt() * x0 + (1 - abar_t).sqrt() * noise
+
+
+def ddim_step_with_logprob(eps, t, t_prev, sample, alphas_cumprod, eta=1.0, prev_sample=None, generator=None):
+    """DDIM step as a Gaussian policy (E1) and the log-density of the action averaged over dims (E2).
+    eps, sample: (B, C, H, W). Returns prev_sample, log_prob (B,), mean, std."""
+    abar_t = _expand(_abar(alphas_cumprod, t).to(sample.dtype), sample)
+    abar_prev = _expand(_abar(alphas_cumprod, t_prev).to(sample.dtype), sample)
+    x0_hat = (sample - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
+    std = eta * ((1 - abar_prev) / (1 - abar_t)).sqrt() * (1 - abar_t / abar_prev).sqrt()  # E1
+    mean = abar_prev.sqrt() * x0_hat + (1 - abar_prev - std**2).clamp(min=0).sqrt() * eps
+    if prev_sample is None:
+        noise = torch.randn(sample.shape, generator=generator, dtype=sample.dtype, device=sample.device)
+        prev_sample = mean + std * noise
+    safe_std = torch.where(std > 0, std, torch.ones_like(std))
+    log_prob = (-((prev_sample.detach() - mean) ** 2) / (2 * safe_std**2)
+                - torch.log(safe_std) - 0.5 * math.log(2 * math.pi))
+    log_prob = torch.where(std > 0, log_prob, torch.zeros_like(log_prob))  # E2 (0 where deterministic)
+    return prev_sample, log_prob.mean(dim=tuple(range(1, sample.dim()))), mean, std
+
+
+def dmd_loss(x, x0_real, x0_fake):
+    """E8. x: generator output (B, ...) with grad; x0_real/x0_fake: the scores' x0 estimates at its renoised copy.
+    d loss / d x = g / numel: descending moves x toward x0_real and away from x0_fake."""
+    p_real = x - x0_real
+    p_fake = x - x0_fake
+    g = (p_real - p_fake) / p_real.abs().mean(dim=tuple(range(1, x.dim())), keepdim=True)  # per-sample normaliser
+    g = torch.nan_to_num(g.detach())
+    return 0.5 * F.mse_loss(x, (x - g).detach())
+
+
+def dynadg_scale(step, lambda0=0.75, total_steps=10000):
+    """E10: scale of the fake LoRA inside the real score, cosine-decayed to 0 at total_steps."""
+    return lambda0 * 0.5 * (1 + math.cos(math.pi * step / total_steps)) if step < total_steps else 0.0
+
+
+def dynars_beta(step, a0=4.0, b0=1.5, total_steps=10000):
+    """E11: Beta(a, b) of the renoise time; biased to high noise early, uniform (1, 1) from total_steps on."""
+    c = 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0)))
+    return 1 + (a0 - 1) * c, 1 + (b0 - 1) * c
+
+
+def sample_renoise_timesteps(batch_size, step, a0=4.0, b0=1.5, total_steps=10000, t_min=20, t_max=980,
+                             generator=None, dynamic=True):
+    """E11: t = round(t_min + u (t_max - t_min)), u ~ Beta(a(s), b(s)) (dynamic=False: Beta(1, 1) = uniform).
+    Beta takes no generator: draw a seed from `generator` and sample in a forked RNG. -> LongTensor (B,)."""
+    a, b = dynars_beta(step, a0, b0, total_steps) if dynamic else (1.0, 1.0)
+    beta = torch.distributions.Beta(torch.tensor(float(a)), torch.tensor(float(b)))
+    if generator is None:
+        u = beta.sample((batch_size,))
+    else:
+        seed = torch.randint(2**62, (1,), generator=generator).item()
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would reseed CUDA too
+            u = beta.sample((batch_size,))
+    return torch.round(t_min + u * (t_max - t_min)).long()
+
+
+def grpo_advantages(rewards, eps=1e-4):
+    """E4: rewards (num_groups, G) -> (R - mean_g) / (std_g + eps), population std; equal groups -> exactly 0."""
+    if not torch.isfinite(rewards).all():
+        raise ValueError(f"non-finite rewards in GRPO: {rewards.tolist()}")
+    mean = rewards.mean(dim=1, keepdim=True)
+    std = rewards.std(dim=1, unbiased=False, keepdim=True)
+    adv = (rewards - mean) / (std + eps)
+    return torch.where((rewards == rewards[:, :1]).all(dim=1, keepdim=True), torch.zeros_like(adv), adv)
+
+
+def clipped_surrogate(log_prob, old_log_prob, advantages, clip_range):
+    """E5: -mean(min(r A, clip(r, 1-e, 1+e) A)), r = exp(log_prob - old_log_prob); all (B,)."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    return -torch.min(ratio * advantages, ratio.clamp(1 - clip_range, 1 + clip_range) * advantages).mean()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scores and the generator (latents: (B, 4, h, w); emb: (B, 77, D); t: (B,) long)
+# ---------------------------------------------------------------------------------------------------
+def encode_prompts(m, prompts):
+    ids = m.tokenizer(prompts, padding="max_length", max_length=m.tokenizer.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(m.device)
+    with torch.no_grad(), m.ctx():
+        return m.text_encoder(ids)[0]  # (B, 77, D), as StableDiffusionPipeline encodes
+
+
+def unet_eps(m, unet, x, t, emb):
+    with m.ctx():
+        return unet(x, t.expand(x.shape[0]), encoder_hidden_states=emb).sample.float()
+
+
+def real_x0(m, x_t, t, emb, uncond, guidance, dynadg=0.0):
+    """Real score: the teacher with CFG; under DynaDG (E10) the fake LoRA is switched in at scale `dynadg`."""
+    use_adapter(m.unet, "fake", dynadg)
+    eps_u, eps_c = unet_eps(m, m.unet, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                            torch.cat([uncond.expand_as(emb), emb])).chunk(2)
+    return x0_from_eps(x_t, eps_u + guidance * (eps_c - eps_u), m.alphas_cumprod[t])
+
+
+def fake_x0(m, x_t, t, emb):
+    """Fake score: teacher + fake LoRA at full scale, conditional, no CFG."""
+    use_adapter(m.unet, "fake")
+    return x0_from_eps(x_t, unet_eps(m, m.unet, x_t, t, emb), m.alphas_cumprod[t])
+
+
+def generator_eps(m, x, t, emb):
+    if m.lora_generator:
+        use_adapter(m.unet, "generator")
+    return unet_eps(m, m.gen_unet, x, t, emb)
+
+
+def generator_x0(m, x, t, emb):
+    """One generator step's x0 prediction from x_t at grid timestep t (no CFG)."""
+    return x0_from_eps(x, generator_eps(m, x, t, emb), m.alphas_cumprod[t])
+
+
+def generator_rollout(m, z, emb, num_steps, generator=None):
+    """Run the first `num_steps` generator steps from z (LCM-like: predict x0, renoise to the next grid
+    timestep with fresh noise) -> x at t_{num_steps}."""
+    x, ts = z, m.timesteps
+    for k in range(num_steps):
+        x0 = generator_x0(m, x, ts[k], emb)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x = add_noise(x0, noise, m.alphas_cumprod[ts[k + 1]])
+    return x
+
+
+@torch.no_grad()
+def sample_generator(m, z, emb, generator=None):
+    """All K steps -> x0 (B, 4, h, w); what the saved pipeline (LCMScheduler) computes."""
+    K = len(m.timesteps)
+    return generator_x0(m, generator_rollout(m, z, emb, K - 1, generator), m.timesteps[K - 1], emb)
+
+
+def backward_simulation(m, z, emb):
+    """DMD2's backward simulation: a random step k, the earlier k steps without grad, x0 of step k -> (k, x, x0)."""
+    k = int(torch.randint(len(m.timesteps), (1,)).item())
+    with torch.no_grad():
+        x = generator_rollout(m, z, emb, k)
+    return k, x, generator_x0(m, x, m.timesteps[k], emb)
+
+
+@torch.no_grad()
+def teacher_sample(m, z, emb, uncond, steps, guidance):
+    """The teacher's own sampler (DDIM, eta 0, CFG) on a trailing grid -> x0 latents. Draws no random numbers,
+    so evaluating never shifts the training RNG (exact --resume)."""
+    use_adapter(m.unet, None)
+    ts, x = trailing_timesteps(steps).to(m.device), z
+    for k in range(steps):
+        t_prev = ts[k + 1] if k + 1 < steps else torch.tensor(-1, device=m.device)
+        eps_u, eps_c = unet_eps(m, m.unet, torch.cat([x, x]), ts[k], torch.cat([uncond.expand_as(emb), emb])).chunk(2)
+        eps = eps_u + guidance * (eps_c - eps_u)
+        x = ddim_step_with_logprob(eps, ts[k], t_prev, x, m.alphas_cumprod, eta=0.0, prev_sample=x)[2]  # the mean
+    return x
+
+
+def decode(m, latents):
+    """(B, 4, h, w) -> images (B, 3, H, W) in [-1, 1], differentiable (ReFL backpropagates through it)."""
+    with m.ctx():
+        return m.vae.decode(latents / m.vae.config.scaling_factor).sample.float()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rewards: CLIP text-image score (open_clip), differentiable (resize and normalise in torch)
+# ---------------------------------------------------------------------------------------------------
+def load_clip(cfg, device, dtype):
+    import open_clip
+    offline = cfg.teacher in ("tiny", "sd15-random")
+    pretrained = (cfg.reward_weights or ("random" if offline else "pretrained")) == "pretrained"
+    torch.manual_seed(0)
+    if cfg.teacher == "tiny" and not pretrained:  # a tiny random CLIP for 32 px images (as redif.py's)
+        model = open_clip.model.CLIP(embed_dim=32, vision_cfg=open_clip.model.CLIPVisionCfg(
+            layers=2, width=32, head_width=16, patch_size=8, image_size=32),
+            text_cfg=open_clip.model.CLIPTextCfg(width=32, heads=2, layers=2))
+    else:
+        try:
+            model = open_clip.create_model(cfg.clip_model, pretrained=cfg.clip_pretrained if pretrained else None)
+        except Exception as e:  # noqa: BLE001 - offline, unknown tag ...
+            fail(f"could not load reward model {cfg.clip_model}/{cfg.clip_pretrained}: {str(e).splitlines()[0][:200]}",
+                 "check the network, or --reward-weights random")
+    return model.requires_grad_(False).eval().to(device, dtype), open_clip.get_tokenizer(cfg.clip_model)
+
+
+def clip_features(m, images):
+    """images (B, 3, H, W) in [-1, 1] -> unit CLIP image embeddings (B, E)."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    size = m.clip.visual.image_size
+    x = F.interpolate((images + 1) / 2, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
+    with m.ctx():
+        return F.normalize(m.clip.encode_image((x - mean) / std).float(), dim=-1)
+
+
+def clip_score(m, images, prompts):
+    """CLIP text-image cosine (B,)."""
+    with torch.no_grad(), m.ctx():
+        text = F.normalize(m.clip.encode_text(m.clip_tokenizer(prompts).to(m.device)).float(), dim=-1)
+    return (clip_features(m, images) * text).sum(-1)
+
+
+def reward_fn(m, cfg, images, prompts):
+    """R = sum_j w_j R_j over --reward terms (so far the CLIP text-image score `clip_text`) -> (B,)."""
+    return parse_reward(cfg.reward)["clip_text"] * clip_score(m, images, prompts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Losses: fake score (E9), RL branch (E12)
+# ---------------------------------------------------------------------------------------------------
+def fake_score_loss(m, x0, emb, t, noise):
+    """E9: epsilon loss of the fake score on detached generator samples x0 (B, 4, h, w)."""
+    use_adapter(m.unet, "fake")
+    return F.mse_loss(unet_eps(m, m.unet, add_noise(x0, noise, m.alphas_cumprod[t]), t, emb), noise)
+
+
+def refl_loss(m, cfg, x0, prompts):
+    """E12 ReFL: L_rl = -R(decode(G(z)), c), backpropagated through the VAE decoder and CLIP."""
+    r = reward_fn(m, cfg, decode(m, x0), prompts)
+    return -r.mean(), r.detach()
+
+
+def dpo_loss(m, cfg, emb, prompts):
+    """E12 DPO: two generator samples per prompt ranked by reward; Diffusion-DPO loss against the initial
+    generator (= the teacher: adapters off on the shared UNet) at a random grid timestep (our choice)."""
+    B = len(prompts)
+    z = torch.randn(2 * B, *latent_shape(m), device=m.device)
+    with torch.no_grad():
+        x0 = sample_generator(m, z, torch.cat([emb, emb]))
+        r = reward_fn(m, cfg, decode(m, x0), prompts + prompts)
+    win = (r[:B] >= r[B:]).view(B, 1, 1, 1)
+    x_w, x_l = torch.where(win, x0[:B], x0[B:]), torch.where(win, x0[B:], x0[:B])
+    t = m.timesteps[torch.randint(len(m.timesteps), (B,), device=m.device)]
+    noise = torch.randn_like(x_w)
+    x_t = add_noise(torch.cat([x_w, x_l]), torch.cat([noise, noise]), m.alphas_cumprod[torch.cat([t, t])])
+    t2, emb2 = torch.cat([t, t]), torch.cat([emb, emb])
+    with torch.no_grad():
+        use_adapter(m.unet, None)
+        err_ref = (unet_eps(m, m.unet, x_t, t2, emb2) - noise.repeat(2, 1, 1, 1)).pow(2).mean(dim=(1, 2, 3))
+    err = (generator_eps(m, x_t, t2, emb2) - noise.repeat(2, 1, 1, 1)).pow(2).mean(dim=(1, 2, 3))
+    diff = (err[:B] - err_ref[:B]) - (err[B:] - err_ref[B:])  # (B,) winner's gain minus loser's
+    return -F.logsigmoid(-0.5 * cfg.dpo_beta * diff).mean(), r.detach()
+
+
+def grpo_loss(m, cfg, emb, prompts):
+    """E12 GRPO: G episodes per prompt share prompt and state (METHOD section 3); they differ in the eta-noise
+    of the stochastic last generator step (E1, E2); group-normalised advantages (E4), clipped surrogate (E5).
+    One update per sample (on-policy), so old_log_prob = log_prob.detach() and the ratio is 1."""
+    B, G, K = len(prompts), cfg.grpo_group, len(m.timesteps)
+    z = torch.randn(B, *latent_shape(m), device=m.device)
+    with torch.no_grad():
+        x = generator_rollout(m, z, emb, K - 1).repeat_interleave(G, 0)  # (B*G, 4, h, w)
+    emb_g = emb.repeat_interleave(G, 0)
+    t = m.timesteps[K - 1]
+    eps = generator_eps(m, x, t, emb_g)
+    sample, log_prob, _, _ = ddim_step_with_logprob(eps, t, -1, x, m.alphas_cumprod, eta=cfg.grpo_eta)
+    with torch.no_grad():
+        r = reward_fn(m, cfg, decode(m, sample.detach()), [p for p in prompts for _ in range(G)])
+    adv = grpo_advantages(r.view(B, G)).view(-1)  # E4
+    return clipped_surrogate(log_prob, log_prob.detach(), adv, cfg.grpo_clip), r
+
+
+def latent_shape(m):
+    return (m.unet.config.in_channels, m.unet.config.sample_size, m.unet.config.sample_size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
+class NonFinite(Exception):
+    pass
+
+
+def check_finite(name, value, it):
+    if not torch.isfinite(torch.as_tensor(value)).all():
+        raise NonFinite(f"non-finite {name} at iteration {it}")
+
+
+def generator_update(m, cfg, opt_g, step, prompts):
+    """One generator update: DMD (E8) at a DynaRS time (E11) against the DynaDG real score (E10), + RL (E12)."""
+    t0 = time.perf_counter()
+    emb, uncond = encode_prompts(m, prompts), m.uncond
+    z = torch.randn(len(prompts), *latent_shape(m), device=m.device)
+    _, _, x0 = backward_simulation(m, z, emb)  # (B, 4, h, w), with grad
+    lam = dynadg_scale(step, cfg.dynadg_lambda0, cfg.dynadg_steps) if cfg.dynadg else 0.0  # E10
+    t = sample_renoise_timesteps(len(prompts), step, cfg.dynars_a0, cfg.dynars_b0, cfg.dynars_steps,
+                                 dynamic=cfg.dynars).to(m.device)  # E11
+    with torch.no_grad():
+        x_t = add_noise(x0.detach(), torch.randn_like(x0), m.alphas_cumprod[t])
+        x0_real = real_x0(m, x_t, t, emb, uncond, cfg.real_guidance, lam)
+        x0_fake = fake_x0(m, x_t, t, emb)
+    loss_dmd = dmd_loss(x0, x0_real, x0_fake)  # E8
+    loss, rl, reward, sec_rl = loss_dmd, None, None, 0.0
+    if cfg.rl != "none" and step >= cfg.rl_start:
+        t1 = time.perf_counter()
+        if cfg.rl == "refl":
+            rl, reward = refl_loss(m, cfg, x0, prompts)
+        else:
+            rl, reward = (dpo_loss if cfg.rl == "dpo" else grpo_loss)(m, cfg, emb, prompts)
+        loss = loss_dmd + cfg.rl_weight * rl  # E12: L = L_dmd + lambda_rl L_rl
+        sec_rl = time.perf_counter() - t1
+    check_finite("DMD loss", loss_dmd, step + 1), check_finite("RL loss", loss, step + 1)
+    if m.lora_generator:
+        use_adapter(m.unet, "generator")  # its weights must require grad while the graph is backpropagated
+    opt_g.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for g in opt_g.param_groups for p in g["params"]]
+    check_finite("generator gradient", torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm), step + 1)
+    opt_g.step()
+    return {"dmd_loss": loss_dmd.item(), "grad_norm": math.sqrt(2 * loss_dmd.item()),  # RMS of g = sqrt(2 L_dmd)
+            "rl_loss": None if rl is None else rl.item(), "reward": None if reward is None else reward.mean().item(),
+            "dynadg_scale": lam, "dynars_mean": beta_mean(cfg, step), "lr": opt_g.param_groups[0]["lr"],
+            "sec_generator": time.perf_counter() - t0 - sec_rl, "sec_rl": sec_rl}
+
+
+def beta_mean(cfg, step):
+    a, b = dynars_beta(step, cfg.dynars_a0, cfg.dynars_b0, cfg.dynars_steps) if cfg.dynars else (1.0, 1.0)
+    return a / (a + b)  # mean of u: renoise at t ~ 20 + 960 * this on average
+
+
+def fake_updates(m, cfg, opt_f, step, train_prompts):
+    """`fake_updates` steps of the fake score (E9) on fresh detached generator samples (two time-scale)."""
+    t0, losses = time.perf_counter(), []
+    for _ in range(cfg.fake_updates):
+        prompts = pick_prompts(train_prompts, cfg.batch_size)
+        emb = encode_prompts(m, prompts)
+        z = torch.randn(len(prompts), *latent_shape(m), device=m.device)
+        with torch.no_grad():
+            x0 = backward_simulation(m, z, emb)[2]
+        t = sample_renoise_timesteps(len(prompts), step, cfg.dynars_a0, cfg.dynars_b0, cfg.dynars_steps,
+                                     dynamic=cfg.dynars).to(m.device)  # E11 also for the fake loss
+        loss = fake_score_loss(m, x0, emb, t, torch.randn_like(x0))
+        check_finite("fake-score loss", loss, step + 1)
+        opt_f.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(opt_f.param_groups[0]["params"], cfg.max_grad_norm)
+        check_finite("fake gradient", grad_norm, step + 1)
+        opt_f.step()
+        losses.append(loss.item())
+    return {"fake_loss": sum(losses) / max(len(losses), 1), "sec_fake": time.perf_counter() - t0}
+
+
+def pick_prompts(prompts, n):
+    return [prompts[i] for i in torch.randint(len(prompts), (n,)).tolist()]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation: held-out prompts, fixed noise; reward, CLIP score, Frechet distance in CLIP space, PNG grid
+# ---------------------------------------------------------------------------------------------------
+def frechet_distance(f1, f2):
+    """||mu1 - mu2||^2 + tr(C1 + C2 - 2 (C1^1/2 C2 C1^1/2)^1/2) for features (N, E), float64."""
+    f1, f2 = f1.double(), f2.double()
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    c1, c2 = torch.cov(f1.T).reshape(f1.shape[1], -1), torch.cov(f2.T).reshape(f2.shape[1], -1)
+
+    def sqrtm(c):
+        w, v = torch.linalg.eigh(c)
+        return (v * w.clamp(min=0).sqrt()) @ v.T
+    s1 = sqrtm(c1)
+    return ((mu1 - mu2).pow(2).sum() + c1.trace() + c2.trace() - 2 * sqrtm(s1 @ c2 @ s1).trace()).item()
+
+
+def save_grid(path, top, bottom):
+    """Two rows of images in [-1, 1] (generator above teacher) -> PNG."""
+    from PIL import Image
+    rows = [torch.cat(list(x.clamp(-1, 1)), dim=2) for x in (top, bottom)]  # (3, H, N*W) each
+    img = ((torch.cat(rows, dim=1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(img).save(path)
+
+
+@torch.no_grad()
+def evaluate(m, cfg, eval_prompts, cache, it, out):
+    g = torch.Generator(m.device).manual_seed(cfg.seed + 1)  # fixed noise, apart from the training RNG
+    z = torch.randn(len(eval_prompts), *latent_shape(m), generator=g, device=m.device)
+    emb = encode_prompts(m, eval_prompts)
+    if "teacher" not in cache:  # the teacher's images never change: compute once
+        x = teacher_sample(m, z, emb, m.uncond, cfg.eval_teacher_steps, cfg.eval_teacher_guidance)
+        cache["teacher"] = decode(m, x)
+    img_gen, img_teacher = decode(m, sample_generator(m, z, emb, generator=g)), cache["teacher"]
+    save_grid(Path(out) / f"samples_{it:06d}.png", img_gen, img_teacher)
+    return {"eval_reward": reward_fn(m, cfg, img_gen, eval_prompts).mean().item(),
+            "eval_clip_generator": clip_score(m, img_gen, eval_prompts).mean().item(),
+            "eval_clip_teacher": clip_score(m, img_teacher, eval_prompts).mean().item(),
+            "eval_fd_clip": frechet_distance(clip_features(m, img_gen), clip_features(m, img_teacher))}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints (atomic), resume, the generator as a diffusers pipeline
+# ---------------------------------------------------------------------------------------------------
+def generator_state(m):
+    if m.lora_generator:
+        return {n: p.detach().clone() for n, p in m.unet.named_parameters() if ".generator." in n}
+    return m.gen_unet.state_dict()
+
+
+def save_checkpoint(path, m, opt_g, opt_f, step):
+    state = {"step": step, "generator": generator_state(m),
+             "fake": {n: p.detach().clone() for n, p in m.unet.named_parameters() if ".fake." in n},
+             "opt_g": opt_g.state_dict(), "opt_f": opt_f.state_dict(),
+             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    torch.save(state, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)  # atomic: a crash mid-save never leaves a broken checkpoint
+
+
+def load_checkpoint(path, m, opt_g, opt_f):
+    state = torch.load(path, map_location=m.device, weights_only=False)
+    params = dict(m.unet.named_parameters())
+    with torch.no_grad():
+        for n, v in state["fake"].items():
+            params[n].copy_(v)
+        if m.lora_generator:
+            for n, v in state["generator"].items():
+                params[n].copy_(v)
+        else:
+            m.gen_unet.load_state_dict(state["generator"])
+    opt_g.load_state_dict(state["opt_g"]), opt_f.load_state_dict(state["opt_f"])
+    random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"].cpu())
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+    return state["step"]
+
+
+def save_generator(m, folder):
+    """The generator merged into a plain UNet + LCMScheduler whose K-step schedule is our trailing grid
+    (original_inference_steps=1000) and whose boundary scalings are c_skip ~ 0, c_out ~ 1 (large
+    timestep_scaling), so StableDiffusionPipeline(..., num_inference_steps=K, guidance_scale=0) = sample_generator."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+    if m.lora_generator:
+        unet = copy.deepcopy(m.unet).float()
+        use_adapter(unet, "generator")
+        unet.fuse_lora(adapter_names=["generator"])
+        unet.unload_lora()  # drops both adapters, keeps the fused generator weights
+    else:
+        unet = copy.deepcopy(m.gen_unet).float()
+    scheduler = LCMScheduler.from_config(sd_scheduler().config, original_inference_steps=1000, timestep_scaling=1e6)
+    vae, text_encoder = copy.deepcopy(m.vae).float(), copy.deepcopy(m.text_encoder).float()  # saved in float32
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=m.tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------------
+def main(argv=None):
+    cfg = parse_args(argv)
+    train_prompts, eval_prompts = validate(cfg)
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint.pt"
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+
+    m = build_models(cfg, device)
+    m.uncond = encode_prompts(m, [""])  # (1, 77, D)
+    gen_params = lora_params(m.unet, "generator") if m.lora_generator else list(m.gen_unet.parameters())
+    opt_g = torch.optim.AdamW(gen_params, lr=cfg.lr)
+    opt_f = torch.optim.AdamW(lora_params(m.unet, "fake"), lr=cfg.fake_lr)
+    torch.manual_seed(cfg.seed)  # training draws start here, whatever model building consumed
+    step = load_checkpoint(ckpt, m, opt_g, opt_f) if cfg.resume else 0
+    metrics_path = out / "metrics.jsonl"
+    lines = metrics_path.read_text().splitlines() if cfg.resume and metrics_path.exists() else []
+    kept = [ln + "\n" for ln in lines if json.loads(ln)["iter"] <= step]  # lines after the checkpoint are redone
+    metrics_path.write_text("".join(kept))
+
+    stop = {"requested": False}  # Ctrl-C: finish the iteration, checkpoint, exit (exactly resumable)
+    def on_sigint(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+    cache = {}
+    try:
+        bar = tqdm(range(step, cfg.iters), initial=step, total=cfg.iters, desc="dmdr", disable=None)
+        for step in bar:
+            row = {"iter": step + 1}
+            row.update(generator_update(m, cfg, opt_g, step, pick_prompts(train_prompts, cfg.batch_size)))
+            row.update(fake_updates(m, cfg, opt_f, step, train_prompts))
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.iters:
+                row.update(evaluate(m, cfg, eval_prompts, cache, step + 1, out))
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(dmd=f"{row['dmd_loss']:.4f}", fake=f"{row['fake_loss']:.4f}")
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.iters or stop["requested"]:
+                save_checkpoint(ckpt, m, opt_g, opt_f, step + 1)
+            if stop["requested"]:
+                print(f"interrupted: checkpoint at iteration {step + 1} in {ckpt} (continue with --resume)")
+                return
+        save_generator(m, out / "generator")
+        print(f"done: generator in {out / 'generator'}, metrics in {metrics_path}")
+    except NonFinite as e:  # parameters are still finite (checked before every optimiser step): keep them
+        save_checkpoint(ckpt, m, opt_g, opt_f, step)
+        fail(str(e), f"lower --lr/--fake-lr or --real-guidance; the last finite state is in {ckpt}, --resume continues")
+    except KeyboardInterrupt:
+        save_checkpoint(ckpt, m, opt_g, opt_f, step)
+        print(f"interrupted: checkpoint at iteration {step} in {ckpt} (continue with --resume)")
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, old_handler)
+
+
+if __name__ == "__main__":
+    main()

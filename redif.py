@@ -1,0 +1,951 @@
+"""ReDiF: reinforced distillation of a Stable Diffusion teacher into a K-step student, in one file.
+
+The student is the teacher's UNet (LoRA or full fine-tune) sampled with K DDIM steps. One K-step sampling run
+is an episode of an MDP whose actions are DDIM steps with eta > 0 (E1, E2); its reward is how close the
+student's image is to the 50-step teacher's image from the same prompt and the same x_T (E3). A behaviour-
+cloning warm-up (E7) is followed by GRPO (E4) or DDPO-style PPO, with a clipped surrogate (E5) and a KL
+penalty to the initial student (E6). Equation tags are those of METHOD.md.
+
+    pip install -r requirements.txt
+    python redif.py --teacher sd15 --steps 5         # SD1.5 -> 5-step student, on a CUDA GPU
+    python redif.py --teacher sd15-random --iters 3  # real SD1.5 shapes, random weights (GPU speed, memory)
+    python redif.py --teacher tiny --device cpu --steps 2 --teacher-steps 10 --prompts-per-iter 2 \
+        --bc-iters 5 --iters 10                      # random tiny pipeline: a few minutes on a CPU
+
+The student lands in <out>/student as a stock diffusers pipeline (LoRA merged, no peft needed):
+
+    pipe = StableDiffusionPipeline.from_pretrained("runs/redif/student")  # DDIM with trailing spacing
+    image = pipe("a photo of a cat", num_inference_steps=5, guidance_scale=7.5, eta=0.0).images[0]
+
+On CUDA: frozen parts in bf16, bf16 autocast, SDPA attention (diffusers' default processor on torch 2),
+optional --gradient-checkpointing. Ctrl-C finishes the current iteration, saves a checkpoint and exits;
+--resume continues exactly.
+"""
+import argparse
+import contextlib
+import copy
+import dataclasses
+import gzip
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+TEACHER_ALIASES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "tiny": None, "sd15-random": None}
+OFFLINE_ALIASES = ("tiny", "sd15-random")  # built from config with random weights, no download
+REWARD_TERMS = ("clip", "dino", "clip_text", "latent")
+EVAL_SEED_BASE = 1_000_000_000  # held-out x_T seeds; training draws its seeds below --seed-pool
+DEFAULT_PROMPTS = [
+    "a photo of a cat sitting on a windowsill", "a red sports car on a mountain road",
+    "a bowl of ramen with a soft boiled egg", "a lighthouse on a cliff at sunset",
+    "an astronaut riding a horse, oil painting", "a cozy library with wooden shelves",
+    "a corgi wearing sunglasses on the beach", "a watercolor painting of a forest in autumn",
+    "a futuristic city skyline at night", "a close-up portrait of an old fisherman",
+    "a teapot shaped like a pumpkin", "a snowy village with warm lights in the windows",
+]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config: one dataclass, every field a flag (defaults from the papers / DDPO; "our choice" otherwise)
+# ---------------------------------------------------------------------------------------------------
+def flag(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    teacher: str = flag("sd15", "'sd15', 'tiny' (random tiny pipeline, CPU seconds), 'sd15-random' (SD1.5 shapes, "
+                        "random weights), a hub id or a local diffusers folder of an SD1.x/2.x model")
+    steps: int = flag(5, "K, the student's sampling steps on a trailing grid (K=5: 999,799,599,399,199)")
+    teacher_steps: int = flag(50, "the teacher's DDIM steps (eta 0); --steps must be below it")
+    teacher_guidance: float = flag(7.5, "the teacher's CFG scale w")
+    student_guidance: float = flag(7.5, "the student's CFG scale, also at inference (our choice: like the teacher)")
+    algo: str = flag("grpo", "grpo: advantages normalised within each group (E4); ppo: DDPO's per-prompt statistics",
+                     choices=["grpo", "ppo"])
+    group: int = flag(4, "G, rollouts per (prompt, x_T), differing only in eta-noise (GRPO: >= 2; our choice 4)")
+    prompts_per_iter: int = flag(8, "(prompt, x_T) pairs per iteration (an RL iteration: prompts_per_iter*G rollouts)")
+    reward: str = flag("clip=1,dino=0.5", "E3 weights: clip (CLIP image-image cos), dino (DINOv2 image-image cos), "
+                       "clip_text (CLIP text-image cos of the student image), latent (-MSE to the teacher's latent)")
+    reward_weights: str = flag(None, "reward models: 'pretrained' (default for real teachers) or 'random' (default "
+                               "for tiny / sd15-random)", choices=["pretrained", "random"])
+    clip_model: str = flag("ViT-H-14", "open_clip architecture of the CLIP reward and of the evaluation")
+    clip_pretrained: str = flag("laion2b_s32b_b79k", "open_clip pretrained tag")
+    dino_model: str = flag("facebook/dinov2-small", "transformers DINOv2 model of the dino reward")
+    prompts: str = flag(None, "text file, one prompt a line (default: 12 built-in prompts); no images needed")
+    seed_pool: int = flag(32, "x_T seeds per prompt for training, so teacher outputs are reused (our choice)")
+    iters: int = flag(100, "RL iterations (sample, reward, update) after the BC warm-up")
+    bc_iters: int = flag(50, "behaviour-cloning warm-up iterations before RL (E7; our choice)")
+    finetune: str = flag("lora", "train a LoRA (peft) or the full UNet", choices=["lora", "full"])
+    lora_rank: int = flag(8, "LoRA rank on the attention projections to_q/to_k/to_v/to_out.0 (our choice)")
+    lr: float = flag(None, "AdamW learning rate (default 3e-4 with LoRA as in DDPO, 1e-5 full fine-tune)")
+    eta: float = flag(1.0, "DDIM eta of training rollouts (E1: > 0 explores; 0 at evaluation and inference)")
+    clip_range: float = flag(1e-4, "ratio clip range (E5); small because log-probs are averaged over dims (DDPO)")
+    adv_clip_max: float = flag(5.0, "advantages are clipped to [-this, this] (DDPO)")
+    beta: float = flag(0.01, "weight of the KL to the initial student (E6; our choice)")
+    minibatches: int = flag(2, "optimiser steps per pass over an iteration's rollouts (DDPO-like)")
+    train_batch: int = flag(4, "rollouts per forward/backward (gradient accumulation within a minibatch; memory)")
+    inner_epochs: int = flag(1, "passes over each iteration's rollouts (DDPO)")
+    max_grad_norm: float = flag(1.0, "gradient clipping (DDPO)")
+    ppo_buffer: int = flag(16, "--algo ppo: rewards kept per prompt (DDPO)")
+    ppo_min_count: int = flag(16, "--algo ppo: with fewer, normalise with the batch's statistics (DDPO)")
+    eval_every: int = flag(25, "evaluate every this many iterations, and at start and end (0: start and end only)")
+    eval_pairs: int = flag(16, "held-out (prompt, seed) pairs for evaluation (>= 2)")
+    ckpt_every: int = flag(25, "checkpoint every this many iterations, at the end and on Ctrl-C")
+    max_nan_skips: int = flag(3, "stop after this many iterations in a row with non-finite rewards")
+    resolution: int = flag(None, "image size in pixels (default: the teacher's own, 512 for SD1.5)")
+    teacher_batch: int = flag(8, "(prompt, x_T) pairs per teacher batch when filling the cache")
+    teacher_cache: str = flag(None, "folder of cached teacher outputs (default <out>/teacher_cache; shareable)")
+    out: str = flag("runs/redif", "output folder")
+    device: str = flag("auto", "auto (CUDA if present), cuda or cpu", choices=["auto", "cuda", "cpu"])
+    resume: bool = flag(False, "continue exactly from <out>/checkpoint.pt")
+    seed: int = flag(0, "seed of everything (LoRA init, prompt and seed draws, eta-noise)")
+    gradient_checkpointing: bool = flag(False, "recompute UNet activations in the backward pass (less memory)")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        name, kw = "--" + f.name.replace("_", "-"), dict(help=f.metadata["help"])
+        if f.type is bool:
+            parser.add_argument(name, action="store_true", **kw)
+        else:
+            parser.add_argument(name, type=f.type, default=f.default, choices=f.metadata.get("choices"), **kw)
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def fail(message, fix):
+    """User mistakes end in one line that names the fix."""
+    raise SystemExit(f"error: {message} (fix: {fix})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Teachers: hub ids, local folders and two offline aliases built from config with random weights
+# ---------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def offline_clip_tokenizer():
+    """SD's CLIP tokenizer rebuilt from the BPE file open_clip ships: byte-to-unicode table, then merges."""
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTokenizer
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]  # 49408 tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "vocab.json"), "w") as fh:
+            json.dump({token: i for i, token in enumerate(vocab)}, fh)
+        with open(os.path.join(tmp, "merges.txt"), "w") as fh:
+            fh.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
+
+
+def build_offline_pipeline(alias):
+    """`tiny` (diffusers' test sizes, 32 px) or `sd15-random` (SD1.5 shapes), random weights, seed 0 each."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    tiny = alias == "tiny"
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(32, 64), layers_per_block=2, cross_attention_dim=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    ) if tiny else UNet2DConditionModel(
+        sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    torch.manual_seed(0)
+    channels = [32, 64] if tiny else [128, 256, 512, 512]
+    vae = AutoencoderKL(block_out_channels=channels, latent_channels=4, layers_per_block=1 if tiny else 2,
+                        down_block_types=["DownEncoderBlock2D"] * len(channels),
+                        up_block_types=["UpDecoderBlock2D"] * len(channels), sample_size=32 if tiny else 512)
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37) if tiny else \
+        dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+             hidden_act="quick_gelu", projection_dim=768)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                                                eos_token_id=49407, pad_token_id=49407, **text))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=offline_clip_tokenizer(), unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def teacher_source(name):
+    """Validate --teacher without loading anything: an alias, an existing diffusers folder or a hub id."""
+    if name in TEACHER_ALIASES:
+        return TEACHER_ALIASES[name] or name
+    folder = os.path.expanduser(name)
+    if os.path.isdir(folder):
+        if not os.path.isfile(os.path.join(folder, "model_index.json")):
+            fail(f"teacher folder '{name}' has no model_index.json", "pass a diffusers pipeline folder")
+        return os.path.abspath(folder)
+    if name.startswith((".", "/", "~")) or os.path.isdir(name.split("/")[0]):
+        fail(f"teacher folder '{name}' does not exist", "check the path, or pass a hub id or sd15/tiny/sd15-random")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        fail(f"unknown teacher alias '{name}'", f"use one of {', '.join(TEACHER_ALIASES)}, a hub id or a local folder")
+    return name
+
+
+def load_pipeline(cfg):
+    """The teacher's pipeline, float32 on CPU, with DDIM on a trailing grid (the global RNG is left alone)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    source = teacher_source(cfg.teacher)
+    with torch.random.fork_rng(devices=[]):
+        if cfg.teacher in OFFLINE_ALIASES:
+            pipe = build_offline_pipeline(cfg.teacher)
+        else:
+            try:
+                pipe = StableDiffusionPipeline.from_pretrained(source, safety_checker=None,
+                                                               requires_safety_checker=False)
+            except Exception as exc:  # offline, gated, not an SD pipeline ...
+                fail(f"could not load teacher '{cfg.teacher}': {str(exc).splitlines()[0][:200]}",
+                     "check the hub id and network, or pass a local diffusers folder of an SD1.x/2.x model")
+    # Teacher and student both run DDIM on trailing grids (our choice): both start from x_T at t = 999, and
+    # every state of the student's grid is a state of the teacher's trajectory when K divides teacher_steps.
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", clip_sample=False,
+                                               set_alpha_to_one=False, thresholding=False)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------------
+# The MDP step (E1, E2): DDIM with eta as a Gaussian policy; the same math as toy/diffusion.py
+# ---------------------------------------------------------------------------------------------------
+def trailing_timesteps(num_steps, num_train_timesteps=1000):
+    """Evenly spaced "trailing" grid t_1 > ... > t_K (K=5: 999, 799, 599, 399, 199), as diffusers builds it."""
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
+    grid = torch.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps, dtype=torch.float64)
+    return (grid.round() - 1).long()
+
+
+def sampler_grid(num_steps, num_train_timesteps=1000):
+    """([t_k], [t_prev_k]), k = 1..K. t_prev = t - 1000 // K as in diffusers' DDIMScheduler.step, so a stock
+    pipeline is the student's sampler (= t_{k+1} whenever K divides 1000; < 0 after the last step)."""
+    timesteps = trailing_timesteps(num_steps, num_train_timesteps)
+    return timesteps.tolist(), (timesteps - num_train_timesteps // num_steps).tolist()
+
+
+def _abar(alphas_cumprod, t):
+    """abar_t; t < 0 means "after the last step" and uses alphas_cumprod[0] (SD: set_alpha_to_one=False)."""
+    t = torch.as_tensor(t, device=alphas_cumprod.device)
+    return torch.where(t >= 0, alphas_cumprod[t.clamp(min=0)], alphas_cumprod[0])
+
+
+def _expand(v, like):
+    v = torch.as_tensor(v, dtype=like.dtype, device=like.device)
+    return v.reshape(v.shape + (1,) * (like.dim() - v.dim())) if v.dim() > 0 else v
+
+
+def ddim_step_with_logprob(eps, t, t_prev, sample, alphas_cumprod, eta=1.0, prev_sample=None, generator=None):
+    """One DDIM step as the policy N(mean, std^2 I) (E1) and the log-density of the action taken (E2).
+
+    eps, sample: (B, C, h, w); t, t_prev: int or (B,). Returns prev_sample, log_prob (B,) averaged over dims
+    (DDPO), mean, std. eta = 0: deterministic step, log_prob 0.
+    """
+    abar_t = _expand(_abar(alphas_cumprod, t).to(sample.dtype), sample)
+    abar_prev = _expand(_abar(alphas_cumprod, t_prev).to(sample.dtype), sample)
+    x0_hat = (sample - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
+    std = eta * ((1 - abar_prev) / (1 - abar_t)).sqrt() * (1 - abar_t / abar_prev).sqrt()  # E1: sigma_k
+    mean = abar_prev.sqrt() * x0_hat + (1 - abar_prev - std**2).clamp(min=0).sqrt() * eps  # E1: mu
+    if prev_sample is None and eta == 0:
+        prev_sample = mean  # mean + 0 * noise, without drawing the noise
+    elif prev_sample is None:
+        prev_sample = mean + std * torch.randn(sample.shape, generator=generator, dtype=sample.dtype,
+                                               device=sample.device)
+    safe_std = torch.where(std > 0, std, torch.ones_like(std))
+    log_prob = (-((prev_sample.detach() - mean) ** 2) / (2 * safe_std**2)  # E2: log N(a | mean, std^2)
+                - torch.log(safe_std) - 0.5 * math.log(2 * math.pi))
+    log_prob = torch.where(std > 0, log_prob, torch.zeros_like(log_prob))
+    return prev_sample, log_prob.mean(dim=tuple(range(1, sample.dim()))), mean, std
+
+
+def guided_eps(unet, x, t, cond, uncond, guidance, alphas_cumprod, prediction_type="epsilon"):
+    """CFG epsilon eps_u + w (eps_c - eps_u), float32. x (B, 4, h, w), cond (B, L, D), uncond (1, L, D)."""
+    t_in = torch.full((x.shape[0],), int(t), device=x.device)
+    if guidance == 1.0:
+        out = unet(x, t_in, cond).sample.float()
+    else:
+        both = unet(torch.cat([x, x]), torch.cat([t_in, t_in]), torch.cat([uncond.expand_as(cond), cond])).sample
+        out_u, out_c = both.float().chunk(2)
+        out = out_u + guidance * (out_c - out_u)
+    if prediction_type == "v_prediction":  # SD2.x 768-v: eps = sqrt(abar) v + sqrt(1 - abar) x_t
+        abar = _abar(alphas_cumprod, int(t))
+        out = abar.sqrt() * out + (1 - abar).sqrt() * x
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models on the device: the student (LoRA or full) and the frozen teacher, also the reference policy (E6)
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Models:
+    cfg: Config
+    pipe: object  # vae, text_encoder, tokenizer; pipe.unet is the student
+    teacher_unet: object  # None with LoRA: the student with its adapter disabled is the teacher
+    device: torch.device
+    ctx: object  # bf16 autocast on CUDA, nullcontext on CPU
+    alphas_cumprod: torch.Tensor  # (1000,) float32
+    prediction_type: str
+    latent_size: int
+    text_cache: dict = field(default_factory=dict)  # prompt -> embedding (77, D)
+
+    @property
+    def student(self):
+        return self.pipe.unet
+
+
+def lora_config(cfg):
+    from peft import LoraConfig
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                      target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+
+
+def setup_models(cfg, pipe, device):
+    """Move the pipeline to the device: frozen parts in bf16 on CUDA, trainable weights in float32."""
+    cuda = device.type == "cuda"
+    frozen_dtype = torch.bfloat16 if cuda else torch.float32
+    pipe.vae.to(device, frozen_dtype).requires_grad_(False).eval()
+    pipe.text_encoder.to(device, frozen_dtype).requires_grad_(False).eval()
+    unet, teacher_unet = pipe.unet.requires_grad_(False).eval(), None
+    if cfg.finetune == "lora":  # LoRA's B starts at 0: the student starts as the teacher
+        unet.to(device, frozen_dtype)
+        torch.manual_seed(cfg.seed)
+        unet.add_adapter(lora_config(cfg))
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    else:
+        teacher_unet = copy.deepcopy(unet).to(device, frozen_dtype)
+        unet.to(device, torch.float32).requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return Models(cfg, pipe, teacher_unet, device, ctx, pipe.scheduler.alphas_cumprod.float().to(device),
+                  pipe.scheduler.config.prediction_type, cfg.resolution // vae_scale)
+
+
+@contextlib.contextmanager
+def frozen_teacher(models):
+    """The teacher's weights: the teacher, and the reference policy of the KL (E6)."""
+    if models.teacher_unet is not None:
+        yield models.teacher_unet
+        return
+    models.student.disable_adapters()
+    try:
+        yield models.student
+    finally:
+        models.student.enable_adapters()
+
+
+def trainable_state(unet):
+    return {n: p.detach().float().cpu().clone() for n, p in unet.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def encode_prompts(models, prompts):
+    """Text embeddings (B, 77, D), cached per prompt (the text encoder is frozen)."""
+    tok = models.pipe.tokenizer
+    missing = [p for p in dict.fromkeys(prompts) if p not in models.text_cache]
+    if missing:
+        ids = tok(missing, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(models.device)
+        with models.ctx:
+            models.text_cache.update(zip(missing, models.pipe.text_encoder(ids)[0].float()))
+    return torch.stack([models.text_cache[p] for p in prompts])
+
+
+def initial_noise(seeds, latent_size, device):
+    """x_T (B, 4, h, w), one CPU generator per seed: the same on any device, so the teacher's output is cacheable."""
+    return torch.stack([torch.randn(4, latent_size, latent_size, generator=torch.Generator().manual_seed(int(s)))
+                        for s in seeds]).to(device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Teacher outputs, computed once per (teacher, prompt, seed, sampler settings) and cached on disk
+# ---------------------------------------------------------------------------------------------------
+class TeacherCache:
+    """One .pt per key: the teacher's trajectory at the student's noise levels (K+1, 4, h, w), i.e. x_T, the
+    states the student's steps start from (for BC, E7) and the final latent (the reward's target, E3)."""
+
+    def __init__(self, folder, models):
+        cfg, self.folder, self.models = models.cfg, Path(folder), models
+        self.folder.mkdir(parents=True, exist_ok=True)
+        timesteps, prev = sampler_grid(cfg.steps)
+        self.levels = timesteps[:1] + prev  # the last level is the final latent
+        self.hits = self.misses = 0
+        self.settings = dict(teacher=teacher_source(cfg.teacher), steps=cfg.teacher_steps, levels=self.levels,
+                             guidance=cfg.teacher_guidance, resolution=cfg.resolution, device=models.device.type)
+
+    def path(self, prompt, seed):
+        key = json.dumps(dict(self.settings, prompt=prompt, seed=int(seed)), sort_keys=True)
+        return self.folder / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".pt")
+
+    def get(self, prompts, seeds):
+        """-> teacher states (B, K+1, 4, h, w) on the device; computes and stores the missing ones."""
+        paths = [self.path(p, s) for p, s in zip(prompts, seeds)]
+        todo = [i for i, p in enumerate(paths) if not p.exists()]
+        self.hits, self.misses = self.hits + len(paths) - len(todo), self.misses + len(todo)
+        size = self.models.cfg.teacher_batch
+        for start in tqdm(range(0, len(todo), size), desc="teacher", leave=False, disable=None if todo else True):
+            idx = todo[start:start + size]
+            for i, states in zip(idx, self.sample([prompts[i] for i in idx], [seeds[i] for i in idx]).cpu()):
+                atomic_save(states.clone(), paths[i])
+        return torch.stack([torch.load(p, map_location="cpu") for p in paths]).to(self.models.device)
+
+    @torch.no_grad()
+    def sample(self, prompts, seeds):
+        """The frozen teacher: teacher_steps-step DDIM (eta 0, CFG) from the same x_T as the student (E3). A
+        student level between two teacher timesteps is reached by the teacher's own eta-0 DDIM jump from the
+        timestep above it (no extra UNet call; the states coincide when K divides teacher_steps)."""
+        m, cfg, recorded = self.models, self.models.cfg, []
+        cond, uncond = encode_prompts(m, prompts), encode_prompts(m, [""])
+        x = initial_noise(seeds, m.latent_size, m.device)
+        with frozen_teacher(m) as unet:
+            for t, t_prev in zip(*sampler_grid(cfg.teacher_steps)):
+                with m.ctx:
+                    eps = guided_eps(unet, x, t, cond, uncond, cfg.teacher_guidance, m.alphas_cumprod,
+                                     m.prediction_type)
+                while len(recorded) < len(self.levels) - 1 and t >= (level := self.levels[len(recorded)]) > t_prev:
+                    jump = x if level == t else ddim_step_with_logprob(eps, t, level, x, m.alphas_cumprod, 0.0)[0]
+                    recorded.append(jump)
+                x = ddim_step_with_logprob(eps, t, t_prev, x, m.alphas_cumprod, eta=0.0)[0]
+        return torch.stack(recorded + [x], dim=1)
+
+
+def atomic_save(obj, path):
+    """Write then rename: a crash or a concurrent run never leaves a half-written file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rewards (E3): cosine similarity of the student's and the teacher's images under CLIP / DINOv2, and more
+# ---------------------------------------------------------------------------------------------------
+def parse_reward(spec):
+    """'clip=1,dino=0.5' -> {'clip': 1.0, 'dino': 0.5}."""
+    weights = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, value = (s.strip() for s in part.partition("="))
+        if name not in REWARD_TERMS:
+            fail(f"unknown reward '{name}'", f"use {', '.join(REWARD_TERMS)}, e.g. --reward clip=1,dino=0.5")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            fail(f"bad --reward term '{part}'", "write name=weight, e.g. --reward clip=1,dino=0.5")
+    if not any(weights.values()):
+        fail("--reward has no non-zero weight", "e.g. --reward clip=1,dino=0.5")
+    return weights
+
+
+@dataclass
+class RewardModels:
+    clip: object  # open_clip CLIP: image-image reward (E3), text-image score, the evaluation's feature space
+    clip_tokenize: object
+    dino: object  # transformers Dinov2Model, None when unused
+
+
+def load_reward_models(cfg, weights, device):
+    import open_clip
+    from transformers import Dinov2Config, Dinov2Model
+    pretrained = (cfg.reward_weights or ("random" if cfg.teacher in OFFLINE_ALIASES else "pretrained")) == "pretrained"
+    tiny = cfg.teacher == "tiny" and not pretrained  # tiny configs: seconds on CPU
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if tiny:
+            vision = open_clip.model.CLIPVisionCfg(layers=2, width=32, head_width=16, patch_size=8, image_size=32)
+            clip = open_clip.model.CLIP(32, vision, open_clip.model.CLIPTextCfg(width=32, heads=2, layers=2))
+        else:
+            clip = open_clip.create_model(cfg.clip_model, pretrained=cfg.clip_pretrained if pretrained else None)
+        dino = None
+        if weights.get("dino"):
+            torch.manual_seed(0)
+            if pretrained:
+                dino = Dinov2Model.from_pretrained(cfg.dino_model)
+            else:  # tiny, or dinov2-small's shapes
+                dino = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                                                image_size=32, patch_size=8) if tiny else
+                                   Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6))
+    for model in (clip, dino):
+        if model is not None:
+            model.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval().requires_grad_(False)
+    return RewardModels(clip, open_clip.get_tokenizer(cfg.clip_model), dino)
+
+
+def _prepare(images, size, mean, std):
+    """Images in [-1, 1] (B, 3, H, W) -> resized to size x size, normalised."""
+    x = F.interpolate((images.float() + 1) / 2, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    return (x - x.new_tensor(mean).view(1, 3, 1, 1)) / x.new_tensor(std).view(1, 3, 1, 1)
+
+
+def clip_image_features(rm, images):
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    size = rm.clip.visual.image_size
+    x = _prepare(images, size[0] if isinstance(size, (tuple, list)) else size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+    return F.normalize(rm.clip.encode_image(x.to(next(rm.clip.parameters()).dtype)).float(), dim=-1)
+
+
+def clip_text_features(rm, prompts, device):
+    return F.normalize(rm.clip.encode_text(rm.clip_tokenize(prompts).to(device)).float(), dim=-1)
+
+
+def dino_features(rm, images):
+    x = _prepare(images, min(rm.dino.config.image_size, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    return F.normalize(rm.dino(pixel_values=x.to(rm.dino.dtype)).pooler_output.float(), dim=-1)
+
+
+@torch.no_grad()
+def decode(models, latents, chunk=8):
+    """Latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1]."""
+    vae, images = models.pipe.vae, []
+    for z in latents.split(chunk):
+        with models.ctx:
+            images.append(vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample.float().clamp(-1, 1))
+    return torch.cat(images)
+
+
+@torch.no_grad()
+def compute_rewards(weights, models, rm, prompts, student_latents, teacher_latents):
+    """E3: R = sum_j lambda_j term_j per rollout; latents (B, 4, h, w) -> R (B,), {term: (B,)}, images or None.
+    No gradient flows through the reward: the policy gradient only needs its value."""
+    terms, images = {}, None
+    if any(weights.get(k) for k in ("clip", "dino", "clip_text")):
+        images = decode(models, torch.cat([student_latents, teacher_latents]))  # (2B, 3, H, W)
+        with models.ctx:
+            if weights.get("clip") or weights.get("clip_text"):
+                feats_s, feats_t = clip_image_features(rm, images).chunk(2)
+                terms["clip"] = (feats_s * feats_t).sum(-1)
+                if weights.get("clip_text"):
+                    terms["clip_text"] = (feats_s * clip_text_features(rm, prompts, models.device)).sum(-1)
+            if weights.get("dino"):
+                feats_s, feats_t = dino_features(rm, images).chunk(2)
+                terms["dino"] = (feats_s * feats_t).sum(-1)
+    terms["latent"] = -((student_latents - teacher_latents) ** 2).mean(dim=(1, 2, 3))  # cheap: always logged
+    return sum(w * terms[k] for k, w in weights.items() if w), terms, images
+
+
+# ---------------------------------------------------------------------------------------------------
+# Advantages and losses: pure functions on tensors, same names and semantics as in toy/redif.py
+# ---------------------------------------------------------------------------------------------------
+def grpo_advantages(rewards, eps=1e-4):
+    """E4: A = (R - mean_g R) / (std_g R + eps) within each group; rewards (num_groups, G)."""
+    if not torch.isfinite(rewards).all():
+        raise ValueError("non-finite rewards in grpo_advantages (NaN or inf)")
+    advantages = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True, unbiased=False) + eps)
+    same = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)  # exactly 0, whatever the rounding of the mean
+    return torch.where(same, torch.zeros_like(advantages), advantages)
+
+
+class PerPromptStatTracker:
+    """DDPO's PPO advantage: each reward normalised with the recent rewards of its prompt."""
+
+    def __init__(self, buffer_size=32, min_count=16):
+        self.buffer_size, self.min_count, self.stats = buffer_size, min_count, {}
+
+    def update(self, keys, rewards):
+        """keys: B hashables, rewards (B,) -> advantages (B,). Below min_count, the batch's statistics."""
+        rewards = torch.as_tensor(rewards)
+        if not torch.isfinite(rewards).all():
+            raise ValueError("non-finite rewards in PerPromptStatTracker.update (NaN or inf)")
+        advantages = torch.empty_like(rewards)
+        for key in dict.fromkeys(keys):
+            idx = torch.tensor([i for i, k in enumerate(keys) if k == key])
+            buffer = self.stats[key] = (self.stats.get(key, []) + rewards[idx].tolist())[-self.buffer_size:]
+            seen = torch.tensor(buffer, dtype=rewards.dtype) if len(buffer) >= self.min_count else rewards
+            advantages[idx] = (rewards[idx] - seen.mean()) / (seen.std(unbiased=False) + 1e-6)
+        return advantages
+
+
+def clipped_surrogate(log_prob, old_log_prob, advantages, clip_range):
+    """E5: -mean(min(r A, clip(r, 1 - e, 1 + e) A)), r = exp(logp - logp_old); all (B,)."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return -torch.minimum(ratio * advantages, clipped * advantages).mean()
+
+
+def gaussian_kl(mean, ref_mean, std):
+    """E6: KL(N(mean, std^2) || N(ref_mean, std^2)) = (mean - ref_mean)^2 / (2 std^2), averaged over dims -> (B,)."""
+    if (torch.as_tensor(std) <= 0).any():
+        raise ValueError("gaussian_kl needs std > 0 (an eta = 0 step has no KL; fix: train with eta > 0)")
+    kl = (mean - ref_mean) ** 2 / (2 * std**2)
+    return kl.mean(dim=tuple(range(1, kl.dim())))
+
+
+def bc_loss(student_next, teacher_next):
+    """E7: latent MSE between the student's eta-0 step from a teacher state and the teacher's next state."""
+    return F.mse_loss(student_next, teacher_next)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sample phase: K-step rollouts of the student, no grad, storing latents and log-probs
+# ---------------------------------------------------------------------------------------------------
+def policy_step(models, unet, x, t, t_prev, cond, eta, prev_sample=None, generator=None):
+    """CFG epsilon of `unet` at (x, t) with the student's guidance, then the DDIM step (E1, E2)."""
+    with models.ctx:
+        eps = guided_eps(unet, x, t, cond, encode_prompts(models, [""]), models.cfg.student_guidance,
+                         models.alphas_cumprod, models.prediction_type)
+    return ddim_step_with_logprob(eps, t, t_prev, x, models.alphas_cumprod, eta, prev_sample, generator)
+
+
+@torch.no_grad()
+def sample_student(models, x_T, cond, eta, generator=None):
+    """x_T (B, 4, h, w), cond (B, 77, D) -> latents (B, K+1, 4, h, w), log_probs (B, K)."""
+    x, latents, log_probs = x_T, [x_T], []
+    for t, t_prev in zip(*sampler_grid(models.cfg.steps)):
+        x, log_prob, _, _ = policy_step(models, models.student, x, t, t_prev, cond, eta, generator=generator)
+        latents.append(x)
+        log_probs.append(log_prob)
+    return torch.stack(latents, dim=1), torch.stack(log_probs, dim=1)
+
+
+def draw_pairs(cfg, prompts, generator):
+    """prompts_per_iter (prompt, seed) pairs from the training pool, prompts x range(seed_pool)."""
+    idx = torch.randint(len(prompts), (cfg.prompts_per_iter,), generator=generator).tolist()
+    seeds = torch.randint(cfg.seed_pool, (cfg.prompts_per_iter,), generator=generator).tolist()
+    return [prompts[i] for i in idx], seeds
+
+
+def iteration_generators(cfg, step, device):
+    """All randomness of iteration `step` comes from (seed, step), so resuming at any step is exact."""
+    seed = int(np.random.SeedSequence([cfg.seed, step]).generate_state(1, np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(seed), torch.Generator(device).manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Train phase: log-probs recomputed with grad on the stored latents, step by step (E5, E6); or BC (E7)
+# ---------------------------------------------------------------------------------------------------
+def policy_loss_step(models, latents, old_log_probs, advantages, cond, k, t, t_prev):
+    """Loss of step k; latents (b, K+1, 4, h, w), old_log_probs (b, K), advantages (b,), cond (b, 77, D)."""
+    cfg, x, action = models.cfg, latents[:, k], latents[:, k + 1]
+    _, log_prob, mean, std = policy_step(models, models.student, x, t, t_prev, cond, cfg.eta, prev_sample=action)
+    loss = clipped_surrogate(log_prob, old_log_probs[:, k], advantages, cfg.clip_range)  # E5
+    kl = torch.zeros_like(log_prob)
+    if cfg.beta > 0:
+        with torch.no_grad(), frozen_teacher(models) as reference:
+            ref_mean = policy_step(models, reference, x, t, t_prev, cond, cfg.eta, prev_sample=action)[2]
+        kl = gaussian_kl(mean, ref_mean, std)  # E6
+        loss = loss + cfg.beta * kl.mean()
+    log_ratio = (log_prob - old_log_probs[:, k]).detach()
+    return loss, dict(kl=kl.mean().item(), approx_kl=0.5 * (log_ratio**2).mean().item(),
+                      clipfrac=((log_ratio.exp() - 1).abs() > cfg.clip_range).float().mean().item())
+
+
+def optimiser_step(models, optimizer):
+    params = [p for p in models.student.parameters() if p.requires_grad]
+    torch.nn.utils.clip_grad_norm_(params, models.cfg.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def rl_update(models, optimizer, rollout, advantages, generator):
+    """PPO-style passes over the iteration's rollouts; gradients accumulate over the K steps of a minibatch."""
+    latents, old_log_probs, cond = rollout  # (B, K+1, 4, h, w), (B, K), (B, 77, D)
+    cfg, logs = models.cfg, []
+    models.student.train()  # SD's UNet has no dropout; train() switches gradient checkpointing on
+    for _ in range(cfg.inner_epochs):
+        for minibatch in torch.randperm(len(latents), generator=generator).to(latents.device).chunk(cfg.minibatches):
+            for mb in minibatch.split(cfg.train_batch):
+                for k, (t, t_prev) in enumerate(zip(*sampler_grid(cfg.steps))):
+                    loss, stats = policy_loss_step(models, latents[mb], old_log_probs[mb], advantages[mb], cond[mb],
+                                                   k, t, t_prev)
+                    (loss * len(mb) / len(minibatch) / cfg.steps).backward()
+                    logs.append(dict(stats, loss=loss.item()))
+            optimiser_step(models, optimizer)
+    models.student.eval()
+    return {key: float(np.mean([log[key] for log in logs])) for key in logs[0]}
+
+
+def bc_update(models, optimizer, teacher_states, cond):
+    """E7 on teacher states (P, K+1, 4, h, w): the student's eta-0 step from state k should land on state k+1."""
+    models.student.train()
+    losses, steps = [], models.cfg.steps
+    for mb in torch.arange(len(teacher_states), device=teacher_states.device).split(models.cfg.train_batch):
+        for k, (t, t_prev) in enumerate(zip(*sampler_grid(steps))):
+            mean = policy_step(models, models.student, teacher_states[mb, k], t, t_prev, cond[mb], 0.0)[2]
+            loss = bc_loss(mean, teacher_states[mb, k + 1])
+            (loss * len(mb) / len(teacher_states) / steps).backward()
+            losses.append(loss.item() * len(mb) / len(teacher_states))
+    optimiser_step(models, optimizer)
+    models.student.eval()
+    return dict(bc_loss=sum(losses) / steps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation on held-out (prompt, seed) pairs: teacher alignment, CLIP scores, Frechet distance, grids
+# ---------------------------------------------------------------------------------------------------
+def frechet_distance(feats_a, feats_b):
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of Gaussians fitted to features (N, D)."""
+    a, b = feats_a.double(), feats_b.double()
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    vals, vecs = torch.linalg.eigh(cov_a)
+    sqrt_a = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
+    tr_covmean = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + cov_a.trace() + cov_b.trace() - 2 * tr_covmean)
+
+
+@torch.no_grad()
+def evaluate(models, rm, weights, cache, prompts, grid_path):
+    """The eta-0 student against the teacher on held-out seeds; writes a PNG grid (student | teacher rows)."""
+    n = models.cfg.eval_pairs
+    eval_prompts, seeds = [prompts[i % len(prompts)] for i in range(n)], [EVAL_SEED_BASE + i for i in range(n)]
+    teacher = cache.get(eval_prompts, seeds)[:, -1]
+    x_T = initial_noise(seeds, models.latent_size, models.device)
+    student = sample_student(models, x_T, encode_prompts(models, eval_prompts), eta=0.0)[0][:, -1]
+    reward, terms, images = compute_rewards(weights, models, rm, eval_prompts, student, teacher)
+    images = decode(models, torch.cat([student, teacher])) if images is None else images
+    with models.ctx:
+        feats_s, feats_t = clip_image_features(rm, images).chunk(2)
+        text = clip_text_features(rm, eval_prompts, models.device)
+    save_grid(images, grid_path)
+    metrics = dict(eval_reward=reward.mean().item(), eval_latent_mse=-terms["latent"].mean().item(),
+                   eval_clip_img=(feats_s * feats_t).sum(-1).mean().item(),
+                   eval_clip_text_student=(feats_s * text).sum(-1).mean().item(),
+                   eval_clip_text_teacher=(feats_t * text).sum(-1).mean().item(),
+                   eval_fd_clip=frechet_distance(feats_s, feats_t))
+    if "dino" in terms:
+        metrics["eval_dino"] = terms["dino"].mean().item()
+    return metrics
+
+
+def save_grid(images, path, max_rows=8):
+    """Student then teacher images (2N, 3, H, W) in [-1, 1] -> PNG whose row i is [student_i | teacher_i]."""
+    from PIL import Image
+    student, teacher = images.chunk(2)
+    rows = torch.cat([student[:max_rows], teacher[:max_rows]], dim=3)  # (n, 3, H, 2W)
+    grid = torch.cat(list(rows), dim=1)  # (3, n H, 2W)
+    pixels = ((grid.permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints, the saved student, input checks and the loop
+# ---------------------------------------------------------------------------------------------------
+def save_checkpoint(path, step, models, optimizer, tracker, nan_state):
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    atomic_save(dict(step=step, trainable=trainable_state(models.student), optimizer=optimizer.state_dict(),
+                     tracker=tracker.stats if tracker else None, nan_state=nan_state, rng=rng), path)
+
+
+def load_checkpoint(path, models, optimizer, tracker):
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if set(trainable_state(models.student)) != set(ckpt["trainable"]):
+        fail(f"checkpoint {path} does not match this student", "resume with the run's --finetune and --lora-rank")
+    models.student.load_state_dict(ckpt["trainable"], strict=False)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if tracker is not None:
+        tracker.stats = ckpt["tracker"] or {}
+    rng = ckpt["rng"]
+    random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return ckpt["step"], ckpt["nan_state"]
+
+
+def save_student(models, folder):
+    """A stock diffusers pipeline: the teacher's float32 components, the student's UNet (LoRA merged) and DDIM
+    with trailing spacing, so `pipe(prompt, num_inference_steps=K, eta=0.0)` is the student's own sampler."""
+    cfg = models.cfg
+    pipe = load_pipeline(cfg)  # fresh float32 weights (on CUDA the frozen parts in memory are bf16)
+    state = trainable_state(models.student)
+    if cfg.finetune == "lora":
+        pipe.unet.add_adapter(lora_config(cfg))
+        pipe.unet.load_state_dict(state, strict=False)
+        pipe.unet.fuse_lora()
+        pipe.unet.unload_lora()
+    else:
+        pipe.unet.load_state_dict(state)
+    pipe.save_pretrained(folder)
+    with open(Path(folder) / "redif.json", "w") as fh:
+        json.dump(dict(num_inference_steps=cfg.steps, guidance_scale=cfg.student_guidance, eta=0.0), fh)
+
+
+def load_prompts(cfg):
+    if cfg.prompts is None:
+        return DEFAULT_PROMPTS
+    if not os.path.isfile(cfg.prompts):
+        fail(f"prompt file '{cfg.prompts}' not found", "pass an existing text file, one prompt a line")
+    with open(cfg.prompts) as fh:
+        prompts = [line.strip() for line in fh if line.strip()]
+    if not prompts:
+        fail(f"prompt file '{cfg.prompts}' is empty", "write one prompt a line, or leave out --prompts")
+    return prompts
+
+
+def validate(cfg):
+    """Every mistake visible before loading a model -> (reward weights, prompts)."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda but CUDA is not available", "use --device cpu or auto, or install a CUDA build of torch")
+    teacher_source(cfg.teacher)
+    if not 1 <= cfg.steps < cfg.teacher_steps:
+        fail(f"--steps {cfg.steps} must be at least 1 and below the teacher's {cfg.teacher_steps}",
+             "choose fewer student steps, e.g. --steps 5")
+    if cfg.algo == "grpo" and cfg.group < 2:
+        fail(f"--group {cfg.group}: GRPO normalises within a group and needs at least 2", "use --group 4 or --algo ppo")
+    if min(cfg.group, cfg.prompts_per_iter, cfg.seed_pool, cfg.minibatches, cfg.train_batch) < 1:
+        fail("--group, --prompts-per-iter, --seed-pool, --minibatches and --train-batch must be positive",
+             "pass positive integers")
+    if cfg.iters > 0 and cfg.eta <= 0:
+        fail("--eta must be > 0 for RL: an eta-0 step has no log-probability", "use --eta 1.0")
+    if cfg.eval_pairs < 2:
+        fail("--eval-pairs must be at least 2 (the Frechet distance needs a covariance)", "use --eval-pairs 16")
+    return parse_reward(cfg.reward), load_prompts(cfg)
+
+
+def pick_device(cfg):
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return torch.device("cuda")
+
+
+def check_out_dir(cfg, out):
+    """Never overwrite a run: a fresh run needs a fresh --out, --resume a checkpoint there."""
+    if cfg.resume and not (out / "checkpoint.pt").exists():
+        fail(f"--resume but {out / 'checkpoint.pt'} does not exist", "run without --resume, or point --out at the run")
+    if not cfg.resume and ((out / "checkpoint.pt").exists() or (out / "metrics.jsonl").exists()):
+        fail(f"{out} already holds a run", "pass --resume to continue it, or choose another --out")
+
+
+def check_resume_config(cfg, out):
+    saved = json.loads((out / "config.json").read_text())
+    free = {"iters", "resume", "device", "eval_every", "ckpt_every", "teacher_batch", "max_nan_skips"}
+    changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in free and saved.get(k) != v]
+    if changed:
+        fail(f"--resume with different settings: {', '.join(changed)}", "resume with the values in config.json")
+
+
+def train_iteration(models, rm, weights, cache, optimizer, tracker, prompts, step, nan_state):
+    """One BC (E7) or RL iteration -> its metrics line."""
+    cfg, clock, hits, misses = models.cfg, time.perf_counter(), cache.hits, cache.misses
+    cpu_gen, dev_gen = iteration_generators(cfg, step, models.device)
+    record, sec = dict(iter=step, phase="bc" if step < cfg.bc_iters else "rl"), {}
+    pair_prompts, seeds = draw_pairs(cfg, prompts, cpu_gen)
+    teacher = cache.get(pair_prompts, seeds)  # (P, K+1, 4, h, w)
+    sec["teacher"], clock = time.perf_counter() - clock, time.perf_counter()
+    if record["phase"] == "bc":
+        record.update(bc_update(models, optimizer, teacher, encode_prompts(models, pair_prompts)))
+    else:
+        # a group = G rollouts sharing prompt and x_T, differing in eta-noise (E4); rollout b is in group b // G
+        rollout_prompts = [p for p in pair_prompts for _ in range(cfg.group)]
+        cond = encode_prompts(models, rollout_prompts)
+        x_T = initial_noise(seeds, models.latent_size, models.device).repeat_interleave(cfg.group, dim=0)
+        latents, log_probs = sample_student(models, x_T, cond, cfg.eta, dev_gen)  # (B, K+1, 4, h, w), (B, K)
+        sec["rollout"], clock = time.perf_counter() - clock, time.perf_counter()
+        rewards, terms, _ = compute_rewards(weights, models, rm, rollout_prompts, latents[:, -1],
+                                            teacher[:, -1].repeat_interleave(cfg.group, dim=0))  # E3
+        sec["reward"], clock = time.perf_counter() - clock, time.perf_counter()
+        record.update(reward_mean=rewards.mean().item(), reward_std=rewards.std(unbiased=False).item(),
+                      **{f"reward_{k}": v.mean().item() for k, v in terms.items()})
+        if torch.isfinite(rewards).all():
+            nan_state["streak"] = 0
+            if cfg.algo == "grpo":
+                advantages = grpo_advantages(rewards.view(-1, cfg.group).cpu()).view(-1)  # E4
+            else:
+                advantages = tracker.update(rollout_prompts, rewards.cpu())
+            advantages = advantages.clamp(-cfg.adv_clip_max, cfg.adv_clip_max).to(models.device)
+            record.update(rl_update(models, optimizer, (latents, log_probs, cond), advantages, cpu_gen))
+        else:  # skip the update; main() stops after --max-nan-skips in a row
+            nan_state["skips"], nan_state["streak"] = nan_state["skips"] + 1, nan_state["streak"] + 1
+            tqdm.write(f"warning: non-finite rewards at iteration {step}, update skipped")
+    sec["update"] = time.perf_counter() - clock
+    record.update(nan_skips=nan_state["skips"], teacher_cache_hits=cache.hits - hits,
+                  teacher_cache_misses=cache.misses - misses, **{f"sec_{k}": v for k, v in sec.items()})
+    return record
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    weights, prompts = validate(cfg)
+    cfg.lr = cfg.lr or (3e-4 if cfg.finetune == "lora" else 1e-5)
+    out, device = Path(cfg.out), pick_device(cfg)
+    check_out_dir(cfg, out)
+    pipe = load_pipeline(cfg)
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    unit = vae_scale * 2 ** (len(pipe.unet.config.block_out_channels) - 1)  # each UNet block halves the latent
+    cfg.resolution = cfg.resolution or pipe.unet.config.sample_size * vae_scale
+    if cfg.resolution % unit:
+        fail(f"--resolution {cfg.resolution} is not a multiple of {unit}", f"use a multiple of {unit}")
+    if cfg.resume:
+        check_resume_config(cfg, out)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    models = setup_models(cfg, pipe, device)
+    rm = load_reward_models(cfg, weights, device)
+    cache = TeacherCache(cfg.teacher_cache or out / "teacher_cache", models)
+    optimizer = torch.optim.AdamW([p for p in models.student.parameters() if p.requires_grad], lr=cfg.lr,
+                                  betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)  # DDPO's AdamW
+    tracker = PerPromptStatTracker(cfg.ppo_buffer, cfg.ppo_min_count) if cfg.algo == "ppo" else None
+    step, nan_state, total = 0, dict(skips=0, streak=0), cfg.bc_iters + cfg.iters
+    if cfg.resume:
+        step, nan_state = load_checkpoint(out / "checkpoint.pt", models, optimizer, tracker)
+        keep = [line for line in (out / "metrics.jsonl").read_text().splitlines()  # drop lines past the checkpoint
+                if (r := json.loads(line))["iter"] < step or (r["phase"] == "eval" and r["iter"] <= step)]
+        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in keep))
+    metrics_file, stop = open(out / "metrics.jsonl", "a"), []
+
+    def log(record):  # NaN/inf -> null, so every line is valid JSON
+        record = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()}
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+
+    def evaluate_and_log(count):
+        log(dict(iter=count, phase="eval",
+                 **evaluate(models, rm, weights, cache, prompts, out / f"samples_{count:06d}.png")))
+
+    def on_sigint(signum, frame):  # first Ctrl-C: finish the iteration, checkpoint, exit; a second one aborts
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(True)
+        print("\nCtrl-C: finishing this iteration, then saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
+    try:
+        if step == 0:
+            evaluate_and_log(0)
+        bar = tqdm(range(step, total), initial=step, total=total, desc="redif", disable=None)
+        for step in bar:
+            record = train_iteration(models, rm, weights, cache, optimizer, tracker, prompts, step, nan_state)
+            log(record)
+            bar.set_postfix({k: f"{record[k]:.4g}" for k in ("reward_mean", "bc_loss") if record.get(k) is not None})
+            count = step + 1
+            if (cfg.eval_every and count % cfg.eval_every == 0) or count == total:
+                evaluate_and_log(count)
+            if stop or count % cfg.ckpt_every == 0 or count == total or nan_state["streak"] >= cfg.max_nan_skips:
+                save_checkpoint(out / "checkpoint.pt", count, models, optimizer, tracker, nan_state)
+            if nan_state["streak"] >= cfg.max_nan_skips:
+                fail(f"rewards were NaN/inf in {nan_state['streak']} iterations in a row (updates skipped, "
+                     "checkpoint saved)", "check the reward models and --reward weights, lower --lr, then --resume")
+            if stop:
+                print(f"saved {out / 'checkpoint.pt'} at iteration {count}; continue with --resume", file=sys.stderr)
+                return None
+        save_student(models, out / "student")
+        print(f"student saved to {out / 'student'}: {cfg.steps} steps, guidance {cfg.student_guidance}, eta 0")
+        return out
+    finally:
+        metrics_file.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""dmdr.py on the offline `tiny` teacher (CPU): end-to-end runs for each RL branch, the saved pipeline, exact
+resume, Ctrl-C, bad input, cross-checks against toy/, shared base weights, and a seeded learning test."""
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+import dmdr
+from toy import dmdr as toy_dmdr
+from toy import diffusion as toy_diffusion
+from toy import redif as toy_redif
+
+PROMPTS = ["a photo of a cat", "a red car", "a blue bird", "a green tree", "a small dog", "a wooden house"]
+KEYS = {"iter", "dmd_loss", "fake_loss", "rl_loss", "reward", "dynadg_scale", "dynars_mean", "grad_norm",
+        "sec_generator", "sec_fake", "sec_rl"}
+EVAL_KEYS = {"eval_reward", "eval_clip_generator", "eval_clip_teacher", "eval_fd_clip"}
+GENERATOR = {"none": "lora", "refl": "full", "dpo": "lora", "grpo": "full"}  # both generator kinds get exercised
+ITERS = {"none": 2, "refl": 1, "dpo": 1, "grpo": 1}  # `none` also serves the resume test
+ABLATION = {"dpo": ["--no-dynadg", "--no-dynars"]}  # the paper's cold-start ablation switches
+STEPS = {"none": "2", "refl": "1", "dpo": "1", "grpo": "2"}  # K=1 and K=2 (backward simulation) both run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny UNets are overhead-bound: one thread is faster on a shared 2-core machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return str(path)
+
+
+def tiny_args(prompt_file, out, rl="none", iters=2, *extra):
+    args = ["--teacher", "tiny", "--device", "cpu", "--prompts", prompt_file, "--num-eval-prompts", "2",
+            "--steps", "2", "--batch-size", "2", "--fake-updates", "1", "--eval-every", "1",
+            "--eval-teacher-steps", "2",
+            "--iters", str(iters), "--out", str(out), "--rl", rl, "--generator", GENERATOR[rl], "--grpo-group", "2",
+            "--save-every", "1000", "--seed", "3"]
+    return args + (["--rl-start", "0"] if rl != "none" else []) + list(extra)
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, prompt_file, one_thread):
+    """One short run per --rl (shared by the tests below)."""
+    outs = {}
+    for rl in GENERATOR:
+        outs[rl] = tmp_path_factory.mktemp(f"run_{rl}")
+        dmdr.main(tiny_args(prompt_file, outs[rl], rl, ITERS[rl], "--steps", STEPS[rl], *ABLATION.get(rl, [])))
+    return outs
+
+
+# ---------------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rl", list(GENERATOR))
+def test_end_to_end(runs, rl):
+    out, n = runs[rl], ITERS[rl]
+    rows = read_metrics(out)
+    assert [r["iter"] for r in rows] == list(range(1, n + 1))
+    for r in rows:
+        assert KEYS <= set(r)
+        assert all(math.isfinite(r[k]) for k in ("dmd_loss", "fake_loss", "grad_norm", "dynadg_scale", "dynars_mean"))
+        assert r["grad_norm"] == pytest.approx(math.sqrt(2 * r["dmd_loss"]))
+        if rl in ABLATION:  # DynaDG off: the plain teacher is the real score; DynaRS off: uniform renoise
+            assert r["dynadg_scale"] == 0 and r["dynars_mean"] == 0.5
+        else:
+            assert r["dynadg_scale"] == pytest.approx(dmdr.dynadg_scale(r["iter"] - 1))
+            assert r["dynars_mean"] == pytest.approx(4.0 / 5.5, rel=1e-6)  # Beta(4, 1.5) at the start (E11)
+        if rl == "none":
+            assert r["rl_loss"] is None and r["reward"] is None and r["sec_rl"] == 0
+        else:
+            assert math.isfinite(r["rl_loss"]) and -1 <= r["reward"] <= 1 and r["sec_rl"] > 0
+    from PIL import Image
+    for r in rows:  # --eval-every 1
+        assert EVAL_KEYS <= set(r) and r["eval_fd_clip"] >= 0 and all(math.isfinite(r[k]) for k in EVAL_KEYS)
+        assert Image.open(out / f"samples_{r['iter']:06d}.png").size == (2 * 32, 2 * 32)  # 2 prompts x (gen, teacher)
+    assert len({r["eval_clip_teacher"] for r in rows}) == 1  # the teacher's images are fixed
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rl"] == rl and cfg["rl_weight"] == (None if rl == "none" else 0.05)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == n and {"generator", "fake", "opt_g", "opt_f", "rng"} <= set(ckpt)
+    assert all(".fake." in k for k in ckpt["fake"]) and len(ckpt["fake"]) > 0
+    assert any(v.abs().sum() > 0 for k, v in ckpt["fake"].items() if "lora_B" in k)  # the fake score trained
+    assert len(ckpt["opt_g"]["state"]) > 0 and len(ckpt["opt_f"]["state"]) > 0
+
+
+def test_saved_pipeline_samples_like_the_generator(runs, prompt_file):
+    """Stock diffusers on the saved folder (LoRA generator merged, LCMScheduler) == our own K-step sampler."""
+    from diffusers import StableDiffusionPipeline
+    rl = "none"
+    out = runs[rl]
+    pipe = StableDiffusionPipeline.from_pretrained(out / "generator")
+    pipe.set_progress_bar_config(disable=True)
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(7))
+    latents = pipe(PROMPTS[:2], num_inference_steps=2, guidance_scale=0, latents=z.clone(), output_type="latent",
+                   generator=torch.Generator().manual_seed(11)).images
+    assert pipe.scheduler.timesteps.tolist() == [999, 499]  # the trailing grid of --steps 2
+    for k in (1, 4):  # the saved scheduler config gives every supported K its trailing grid
+        pipe.scheduler.set_timesteps(k)
+        assert pipe.scheduler.timesteps.tolist() == dmdr.trailing_timesteps(k).tolist()
+    cfg = dmdr.parse_args(tiny_args(prompt_file, out, rl))
+    m = dmdr.build_models(cfg, torch.device("cpu"))
+    gen_params = dmdr.lora_params(m.unet, "generator") if m.lora_generator else list(m.gen_unet.parameters())
+    dmdr.load_checkpoint(out / "checkpoint.pt", m, torch.optim.AdamW(gen_params),
+                         torch.optim.AdamW(dmdr.lora_params(m.unet, "fake")))
+    ours = dmdr.sample_generator(m, z, dmdr.encode_prompts(m, PROMPTS[:2]), generator=torch.Generator().manual_seed(11))
+    print(f"pipeline vs sampler: max |diff| {(latents - ours).abs().max():.2e}, max |x| {ours.abs().max():.1f}")
+    assert torch.allclose(latents, ours, atol=1e-4, rtol=1e-4), (latents - ours).abs().max()
+    teacher = dmdr.random_teacher("tiny")[0]
+    assert any(not torch.equal(p, q) for p, q in zip(pipe.unet.parameters(), teacher.parameters()))  # trained
+    full = StableDiffusionPipeline.from_pretrained(runs["refl"] / "generator").unet.state_dict()  # a full generator
+    saved = torch.load(runs["refl"] / "checkpoint.pt", weights_only=False)["generator"]
+    assert full.keys() == saved.keys() and all(torch.equal(full[k], saved[k]) for k in full)
+
+
+def test_ctrl_c_checkpoints_and_resume_is_exact(runs, prompt_file, tmp_path, monkeypatch):
+    """Ctrl-C in iteration 1 -> checkpoint at 1 and a clean exit; --resume to 2 == the uninterrupted `none` run
+    (with an evaluation before and after the interruption)."""
+    real = dmdr.fake_updates
+
+    def interrupted(m, cfg, opt_f, step, prompts):
+        if step == 0:
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during iteration 1
+        return real(m, cfg, opt_f, step, prompts)
+    monkeypatch.setattr(dmdr, "fake_updates", interrupted)
+    dmdr.main(tiny_args(prompt_file, tmp_path, "none", 5))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 1
+    assert [r["iter"] for r in read_metrics(tmp_path)] == [1] and not (tmp_path / "generator").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    dmdr.main(tiny_args(prompt_file, tmp_path, "none", 2, "--resume"))
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("sec_")} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path)) == strip(read_metrics(runs["none"]))
+    assert (tmp_path / "generator" / "model_index.json").exists()
+
+
+def test_nan_loss_is_one_line_error_and_keeps_state(prompt_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(dmdr, "fake_score_loss", lambda *a: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(SystemExit) as e:
+        dmdr.main(tiny_args(prompt_file, tmp_path, "none", 3))
+    msg = str(e.value)
+    assert msg.startswith("error: non-finite fake-score loss at iteration 1") and "\n" not in msg and "fix:" in msg
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 0 and all(torch.isfinite(v).all() for v in ckpt["generator"].values())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--teacher", "./no/such/folder"], "unknown teacher './no/such/folder'"),
+    (["--teacher", "sd-turbo"], "unknown teacher 'sd-turbo'"),
+    (["--steps", "3"], "--steps 3 is not supported"),
+    (["--rl-weight", "0.1"], "--rl-weight given but --rl is none"),
+    (["--prompts", "EMPTY"], "is empty"),
+    (["--device", "cuda"], "--device cuda but CUDA is not available"),
+    (["--reward", "aesthetic=1"], "unknown reward 'aesthetic'"),
+    (["--resume"], "--resume but"),
+])
+def test_bad_input_one_line_error(args, message, prompt_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if "EMPTY" in args:
+        (tmp_path / "empty.txt").write_text("\n  \n")
+        args = [a.replace("EMPTY", str(tmp_path / "empty.txt")) for a in args]
+    out = tmp_path / "out"
+    argv = tiny_args(prompt_file, out, "none")
+    for flag, value in zip(args[::2], args[1::2] + [None]):
+        if flag in argv and value is not None:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag] + ([value] if value is not None else [])
+    with pytest.raises(SystemExit) as e:
+        dmdr.main(argv)
+    msg = str(e.value)
+    assert msg.startswith("error: ") and message in msg and "(fix: " in msg and "\n" not in msg
+    assert not out.exists()  # nothing was written
+
+
+def test_existing_run_is_never_overwritten(runs, prompt_file):
+    before = (runs["dpo"] / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit, match="already holds a run"):
+        dmdr.main(tiny_args(prompt_file, runs["dpo"], "dpo"))
+    with pytest.raises(SystemExit, match="--resume with different settings: real_guidance"):
+        dmdr.main(tiny_args(prompt_file, runs["dpo"], "dpo", 3, "--steps", STEPS["dpo"], *ABLATION["dpo"], "--resume",
+                            "--real-guidance", "3"))
+    assert (runs["dpo"] / "metrics.jsonl").read_text() == before
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure functions: the same numbers as toy/ on the same inputs
+# ---------------------------------------------------------------------------------------------------
+def test_dmd_loss_matches_toy_and_its_gradient_is_the_normalised_x0_difference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
+    x0_real = x + torch.randn(x.shape, generator=g, dtype=torch.float64)
+    x0_fake = x + 0.5 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    ours, toys = dmdr.dmd_loss(xs[0], x0_real, x0_fake), toy_dmdr.dmd_loss(xs[1], x0_real, x0_fake)
+    ours.backward(), toys.backward()
+    assert ours.item() == pytest.approx(toys.item(), rel=1e-12)
+    assert torch.allclose(xs[0].grad, xs[1].grad, rtol=1e-12, atol=0)
+    # E8: -dL/dx * numel = (x0_real - x0_fake) / mean|x - x0_real| (per sample)
+    expected = (x0_real - x0_fake) / (x - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    assert torch.allclose(-xs[0].grad * x.numel(), expected, rtol=1e-10, atol=1e-12)
+    assert ours.item() == pytest.approx(0.5 * expected.pow(2).mean().item(), rel=1e-10)
+    z = torch.zeros(2, 3, requires_grad=True)  # x == x0_real == x0_fake: 0/0 -> nan_to_num -> 0
+    assert dmdr.dmd_loss(z, torch.zeros(2, 3), torch.zeros(2, 3)).item() == 0
+
+
+def test_schedules_match_toy():
+    for step in [0, 1, 100, 2500, 5000, 9999, 10000, 12000]:
+        assert dmdr.dynadg_scale(step) == pytest.approx(toy_dmdr.dynadg_scale(step), abs=1e-15)
+        assert dmdr.dynadg_scale(step, 0.5, 300) == pytest.approx(toy_dmdr.dynadg_scale(step, 0.5, 300), abs=1e-15)
+        assert dmdr.dynars_beta(step) == pytest.approx(toy_dmdr.dynars_beta(step), abs=1e-15)
+        assert dmdr.dynars_beta(step, 3.0, 2.0, 700) == pytest.approx(toy_dmdr.dynars_beta(step, 3.0, 2.0, 700),
+                                                                      abs=1e-15)
+    assert dmdr.dynadg_scale(0) == 0.75 and dmdr.dynadg_scale(10000) == 0.0  # E10 end points
+    assert dmdr.dynars_beta(0) == (4.0, 1.5) and dmdr.dynars_beta(10000) == (1.0, 1.0)  # E11 end points
+    for step, dynamic in [(0, True), (3000, True), (20000, True), (0, False)]:
+        ours = dmdr.sample_renoise_timesteps(64, step, generator=torch.Generator().manual_seed(5), dynamic=dynamic)
+        toys = toy_dmdr.sample_renoise_timesteps(64, step, generator=torch.Generator().manual_seed(5), dynamic=dynamic)
+        assert torch.equal(ours, toys) and ours.dtype == torch.long and 20 <= ours.min() and ours.max() <= 980
+    early = dmdr.sample_renoise_timesteps(4000, 0, generator=torch.Generator().manual_seed(0)).float().mean()
+    late = dmdr.sample_renoise_timesteps(4000, 10000, generator=torch.Generator().manual_seed(0)).float().mean()
+    assert early.item() == pytest.approx(20 + 960 * 4 / 5.5, abs=8) and late.item() == pytest.approx(500, abs=10)
+
+
+def test_advantages_and_ddim_step_match_toy():
+    r = torch.randn(5, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    r[2] = 0.1  # an all-equal group: exactly 0
+    ours = dmdr.grpo_advantages(r)
+    assert torch.allclose(ours, toy_redif.grpo_advantages(r), rtol=1e-12, atol=1e-15)
+    assert torch.equal(ours[2], torch.zeros(4))
+    with pytest.raises(ValueError, match="non-finite rewards"):
+        dmdr.grpo_advantages(torch.tensor([[1.0, float("nan")]]))
+    ac = toy_diffusion.sd_alphas_cumprod()
+    g = torch.Generator().manual_seed(2)
+    eps, x = (torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    for t, t_prev in [(999, 749), (249, -1)]:
+        a = dmdr.ddim_step_with_logprob(eps, t, t_prev, x, ac, 1.0, generator=torch.Generator().manual_seed(3))
+        b = toy_diffusion.ddim_step_with_logprob(eps, t, t_prev, x, ac, 1.0, generator=torch.Generator().manual_seed(3))
+        assert all(torch.allclose(u, v, rtol=1e-12, atol=1e-14) for u, v in zip(a[:3], b[:3]))
+    assert dmdr.trailing_timesteps(4).tolist() == [999, 749, 499, 249] == toy_diffusion.trailing_timesteps(4).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real and fake share one copy of the teacher's weights
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lora_models(prompt_file, tmp_path_factory):
+    cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path_factory.mktemp("m"), "none"))
+    m = dmdr.build_models(cfg, torch.device("cpu"))
+    m.uncond = dmdr.encode_prompts(m, [""])
+    return m
+
+
+def storage_numel(*modules):
+    seen = {}
+    for module in modules:
+        for p in module.parameters():
+            seen[p.untyped_storage().data_ptr()] = p.numel()
+    return sum(seen.values())
+
+
+def test_real_and_fake_share_base_weights(lora_models, prompt_file, tmp_path):
+    m = lora_models
+    plain = dmdr.random_teacher("tiny")[0]
+    base = sum(p.numel() for p in plain.parameters())
+    lora = sum(p.numel() for n, p in m.unet.named_parameters() if "lora_" in n)
+    assert m.gen_unet is m.unet  # LoRA generator: a third adapter-free view would be a second copy
+    assert storage_numel(m.unet, m.gen_unet) == base + lora  # one copy of the base weights, plus the adapters
+    q = m.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q  # a peft LoRA layer holding both adapters
+    dmdr.use_adapter(m.unet, "fake")
+    assert set(q.lora_A) == {"fake", "generator"} and q.scaling["fake"] == 2.0 and q.lora_A["fake"].out_features == 32
+    dmdr.use_adapter(m.unet, "fake", 0.3)
+    assert q.scaling["fake"] == pytest.approx(0.6) and q.active_adapters == ["fake"]  # DynaDG: lambda x alpha / r
+    # Functional: give the fake LoRA weights; the real score (adapters off) is still exactly the plain teacher,
+    # the fake score differs, and DynaDG at scale 1 with guidance 1 is exactly the fake score (E10).
+    with torch.no_grad():
+        for n, p in m.unet.named_parameters():
+            if ".fake." in n and "lora_B" in n:
+                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([700, 300])
+    emb = dmdr.encode_prompts(m, PROMPTS[:2])
+    with torch.no_grad():
+        real = dmdr.real_x0(m, x, t, emb, m.uncond, 1.75, 0.0)
+        both = torch.cat([m.uncond.expand_as(emb), emb])
+        eps_u, eps_c = plain(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=both).sample.chunk(2)
+        teacher = dmdr.x0_from_eps(x, eps_u + 1.75 * (eps_c - eps_u), m.alphas_cumprod[t])
+        fake = dmdr.fake_x0(m, x, t, emb)
+        mixed = dmdr.real_x0(m, x, t, emb, m.uncond, 1.0, 1.0)
+        half = dmdr.real_x0(m, x, t, emb, m.uncond, 1.0, 0.5)
+    assert torch.allclose(real, teacher, atol=1e-5)
+    assert (fake - dmdr.real_x0(m, x, t, emb, m.uncond, 1.0, 0.0)).abs().max() > 1e-3
+    assert torch.allclose(mixed, fake, atol=1e-6)
+    rng = torch.get_rng_state()  # evaluation's teacher sampler leaves the training RNG alone (exact resume)
+    ddim = dmdr.teacher_sample(m, x, emb, m.uncond, 3, 7.5)
+    assert torch.equal(rng, torch.get_rng_state()) and torch.isfinite(ddim).all()
+    assert 0 < (half - fake).abs().max() and (half - fake).abs().max() < (real - fake).abs().max() + 1
+    # A full generator is the one unavoidable second copy: disjoint storage, nothing else duplicated.
+    cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "refl"))
+    full = dmdr.build_models(cfg, torch.device("cpu"))
+    fake_lora = sum(p.numel() for n, p in full.unet.named_parameters() if "lora_" in n)
+    assert storage_numel(full.unet, full.gen_unet) == 2 * base + fake_lora
+
+
+# ---------------------------------------------------------------------------------------------------
+# Learning
+# ---------------------------------------------------------------------------------------------------
+def test_learning_fake_score_tracks_the_generator(prompt_file, tmp_path):
+    """Seeded, short DMDR run (the script's own update functions) on the tiny teacher, measured on a fixed probe
+    batch (fixed z, noise, t): the fake score learns the generator's samples, so its epsilon loss (E9) falls, and
+    the DMD gradient (E8), ~0 at the start because the fake score starts as the teacher, grows as the fake score
+    departs from the teacher. (With random teacher weights there is no data distribution for the generator to
+    reach, so the DMD gradient has nothing to shrink towards; see the report.)"""
+    cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "none", 5, "--steps", "1", "--fake-updates", "5",
+                                    "--fake-lr", "3e-2", "--lr", "1e-4"))
+    m = dmdr.build_models(cfg, torch.device("cpu"))
+    m.uncond = dmdr.encode_prompts(m, [""])
+    opt_g = torch.optim.AdamW(dmdr.lora_params(m.unet, "generator"), lr=cfg.lr)
+    opt_f = torch.optim.AdamW(dmdr.lora_params(m.unet, "fake"), lr=cfg.fake_lr)
+    g = torch.Generator().manual_seed(123)
+    z, noise = torch.randn(8, 4, 16, 16, generator=g), torch.randn(8, 4, 16, 16, generator=g)
+    t = torch.tensor([980, 900, 700, 400] * 2)
+    emb = dmdr.encode_prompts(m, [PROMPTS[i % 4] for i in range(8)])
+
+    @torch.no_grad()
+    def probe():
+        x0 = dmdr.sample_generator(m, z, emb)
+        x_t = dmdr.add_noise(x0, noise, m.alphas_cumprod[t])
+        dmd = dmdr.dmd_loss(x0, dmdr.real_x0(m, x_t, t, emb, m.uncond, cfg.real_guidance), dmdr.fake_x0(m, x_t, t, emb))
+        return dmdr.fake_score_loss(m, x0, emb, t, noise).item(), math.sqrt(2 * dmd.item())
+    fake_before, grad_before = probe()
+    torch.manual_seed(0)
+    for step in range(cfg.iters):
+        row = dmdr.generator_update(m, cfg, opt_g, step, dmdr.pick_prompts(PROMPTS[:4], cfg.batch_size))
+        row.update(dmdr.fake_updates(m, cfg, opt_f, step, PROMPTS[:4]))
+        assert math.isfinite(row["dmd_loss"]) and math.isfinite(row["fake_loss"])
+    fake_after, grad_after = probe()
+    print(f"fake loss {fake_before:.4f} -> {fake_after:.4f}; DMD grad RMS {grad_before:.4f} -> {grad_after:.4f}")
+    assert fake_after < 0.97 * fake_before  # over half the learnable part above the ~1.0 floor is gone
+    assert grad_before < 0.01 and grad_after > 10 * grad_before

@@ -1,0 +1,406 @@
+"""redif.py on CPU with the tiny random teacher: end to end, resume, BC, eval, the saved pipeline, the shared
+pure functions against toy/, bad inputs, and a seeded learning test.
+
+Runs share one teacher cache (module scope), so each (prompt, seed) pair is run through the teacher once.
+"""
+import dataclasses
+import json
+import signal
+
+import pytest
+import torch
+
+import redif
+
+# 8 px images (4x4 latents), 2 student steps, 10 teacher steps: every test here takes seconds
+TINY = ["--teacher", "tiny", "--device", "cpu", "--resolution", "8", "--steps", "2", "--teacher-steps", "10",
+        "--group", "2", "--prompts-per-iter", "2", "--seed-pool", "2", "--eval-pairs", "4"]
+VOLATILE = ("sec_", "teacher_cache_")  # timings and cache counters differ between otherwise identical runs
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("redif")
+    (root / "prompts.txt").write_text("a photo of a cat\n\na red car on a road\n")
+    return root
+
+
+def tiny_args(workdir, out, *extra):
+    return TINY + ["--prompts", str(workdir / "prompts.txt"), "--teacher-cache", str(workdir / "cache"),
+                   "--out", str(workdir / out), *extra]
+
+
+def read_metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def stable(records):
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in records]
+
+
+RUN_FLAGS = ("--bc-iters", "1", "--iters", "3", "--eval-every", "2",
+             "--reward", "clip=1,dino=0.5,clip_text=0.1,latent=1")
+
+
+@pytest.fixture(scope="module")
+def full_run(workdir):
+    """BC 1 + RL 3 iterations with every reward term; evaluations at 0, 2 and 4."""
+    assert redif.main(tiny_args(workdir, "full", *RUN_FLAGS)) == workdir / "full"
+    return workdir / "full"
+
+
+def test_full_run_leaves_config_metrics_grids_student_checkpoint(full_run):
+    config = json.loads((full_run / "config.json").read_text())
+    assert config["steps"] == 2 and config["algo"] == "grpo" and config["lr"] == 3e-4 and config["resolution"] == 8
+    records = read_metrics(full_run)
+    train = [r for r in records if r["phase"] != "eval"]
+    assert [(r["iter"], r["phase"]) for r in train] == [(0, "bc"), (1, "rl"), (2, "rl"), (3, "rl")]
+    for r in train[1:]:
+        for key in ("reward_mean", "reward_std", "loss", "kl", "clipfrac", "approx_kl", "nan_skips",
+                    "teacher_cache_hits", "teacher_cache_misses", "sec_teacher", "sec_rollout", "sec_reward",
+                    "sec_update", "reward_clip", "reward_dino", "reward_clip_text", "reward_latent"):
+            assert r[key] is not None and r[key] == r[key], key
+        assert r["reward_std"] > 0 and 0 <= r["clipfrac"] <= 1 and r["kl"] >= 0 and r["nan_skips"] == 0
+        # E3 with the weights of --reward
+        total = r["reward_clip"] + 0.5 * r["reward_dino"] + 0.1 * r["reward_clip_text"] + r["reward_latent"]
+        assert r["reward_mean"] == pytest.approx(total, rel=1e-4, abs=1e-5)
+    assert train[0]["bc_loss"] > 0
+    assert train[2]["kl"] > 0  # the student has moved away from the reference policy (E6)
+    evals = [r for r in records if r["phase"] == "eval"]
+    assert [r["iter"] for r in evals] == [0, 2, 4]
+    for r in evals:
+        assert r["eval_latent_mse"] > 0 and r["eval_fd_clip"] >= 0 and -1 <= r["eval_clip_img"] <= 1
+        weighted = r["eval_clip_img"] + 0.5 * r["eval_dino"] + 0.1 * r["eval_clip_text_student"] - r["eval_latent_mse"]
+        assert r["eval_reward"] == pytest.approx(weighted, abs=1e-4)
+    assert evals[0]["eval_clip_text_teacher"] == pytest.approx(evals[-1]["eval_clip_text_teacher"])  # teacher is frozen
+    assert evals[0]["eval_latent_mse"] != evals[-1]["eval_latent_mse"]  # ... the student is not
+    from PIL import Image
+    for count in (0, 2, 4):
+        assert Image.open(full_run / f"samples_{count:06d}.png").size == (2 * 8, 4 * 8)  # rows: student | teacher
+    assert torch.load(full_run / "checkpoint.pt", weights_only=False)["step"] == 4
+    assert (full_run / "student" / "model_index.json").exists()
+
+
+def test_ctrl_c_then_resume_gives_the_same_metrics_and_no_teacher_recompute(full_run, workdir, monkeypatch):
+    """SIGINT in iteration 1 -> checkpoint at 2 and a clean return; --resume finishes the run, and the metrics
+    equal the uninterrupted run's. Sharing the teacher cache, this run never computes a teacher output."""
+    original = redif.train_iteration
+
+    def interrupted(*args, **kwargs):
+        record = original(*args, **kwargs)
+        if record["iter"] == 1:
+            signal.raise_signal(signal.SIGINT)  # what Ctrl-C does
+        return record
+
+    monkeypatch.setattr(redif, "train_iteration", interrupted)
+    out = workdir / "resumed"
+    assert redif.main(tiny_args(workdir, "resumed", *RUN_FLAGS)) is None
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert [r["iter"] for r in read_metrics(out) if r["phase"] != "eval"] == [0, 1]
+    monkeypatch.setattr(redif, "train_iteration", original)
+    assert redif.main(tiny_args(workdir, "resumed", *RUN_FLAGS, "--resume")) == out
+    resumed, uninterrupted = read_metrics(out), read_metrics(full_run)
+    assert stable(resumed) == stable(uninterrupted)
+    assert all(r["teacher_cache_misses"] == 0 for r in resumed if "teacher_cache_misses" in r)
+    assert sum(r["teacher_cache_hits"] for r in resumed if "teacher_cache_hits" in r) == 4 * 2
+
+
+def test_saved_student_in_a_stock_pipeline_is_the_students_own_sampler(full_run):
+    """StableDiffusionPipeline.from_pretrained(out/student) with K steps and eta 0 reproduces redif's sampler
+    with the trained (LoRA) weights, and differs from the teacher's weights, so the LoRA was merged."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    cfg = redif.Config(**json.loads((full_run / "config.json").read_text()))
+    models = redif.setup_models(cfg, redif.load_pipeline(cfg), torch.device("cpu"))
+    optimizer = torch.optim.AdamW([p for p in models.student.parameters() if p.requires_grad])
+    assert redif.load_checkpoint(full_run / "checkpoint.pt", models, optimizer, None)[0] == 4
+    prompts, seeds = ["a photo of a cat", "a red car on a road"], [7, 8]
+    x_T = redif.initial_noise(seeds, models.latent_size, models.device)
+    ours = redif.sample_student(models, x_T, redif.encode_prompts(models, prompts), eta=0.0)[0][:, -1]
+
+    pipe = StableDiffusionPipeline.from_pretrained(full_run / "student")
+    assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.timestep_spacing == "trailing"
+    kwargs = dict(num_inference_steps=2, guidance_scale=7.5, eta=0.0, height=8, width=8, output_type="latent")
+    theirs = pipe(prompts, latents=x_T.clone(), **kwargs).images
+    assert pipe.scheduler.timesteps.tolist() == [999, 499]
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    teacher_pipe = redif.load_pipeline(cfg)  # the same pipeline with the teacher's UNet
+    teacher_weights = teacher_pipe(prompts, latents=x_T.clone(), **kwargs).images
+    assert (teacher_weights - ours).abs().max() > 1e-3
+    assert json.loads((full_run / "student" / "redif.json").read_text())["num_inference_steps"] == 2
+
+
+def test_bc_warmup_regresses_the_student_onto_the_teacher(workdir):
+    """E7 alone: the BC loss falls and the held-out teacher alignment (latent MSE) improves
+    (measured: BC loss 0.30 -> about 0.2, held-out MSE 2.40 -> 1.99)."""
+    out = workdir / "bc"
+    redif.main(tiny_args(workdir, "bc", "--bc-iters", "8", "--iters", "0", "--lr", "3e-3", "--eval-every", "0",
+                         "--reward", "latent=1", "--seed-pool", "32", "--prompts-per-iter", "8", "--eval-pairs", "8"))
+    records = read_metrics(out)
+    bc = [r["bc_loss"] for r in records if r["phase"] == "bc"]
+    evals = [r["eval_latent_mse"] for r in records if r["phase"] == "eval"]
+    assert len(bc) == 8 and len(evals) == 2
+    assert sum(bc[-3:]) / 3 < 0.85 * bc[0]
+    assert evals[1] < 0.92 * evals[0]
+
+
+def test_teacher_cache_holds_the_teacher_trajectory_at_the_students_levels(workdir, full_run):
+    """Cached states: x_T first, then the teacher's own DDIM states at 499 and the final latent (K=2 | 10)."""
+    cfg = redif.Config(**json.loads((full_run / "config.json").read_text()))
+    pipe = redif.load_pipeline(cfg)
+    models = redif.setup_models(cfg, pipe, torch.device("cpu"))
+    cache = redif.TeacherCache(workdir / "cache", models)
+    assert cache.levels == [999, 499, -1]
+    states = cache.get(["a photo of a cat"], [0])  # seen by the full run: a hit
+    assert (cache.hits, cache.misses) == (1, 0)
+    torch.testing.assert_close(states[0, 0], redif.initial_noise([0], models.latent_size, models.device)[0])
+    fresh = cache.sample(["a photo of a cat"], [0])  # cached from a batch of 2: equal up to batch rounding
+    torch.testing.assert_close(states, fresh, rtol=1e-4, atol=1e-4)
+    # an independent teacher: diffusers' DDIMScheduler (trailing, eta 0) with the same UNet and CFG
+    sched = pipe.scheduler
+    sched.set_timesteps(10)
+    cond = redif.encode_prompts(models, ["", "a photo of a cat"])
+    x = states[:, 0]
+    with redif.frozen_teacher(models) as unet:
+        for t in sched.timesteps:
+            out_u, out_c = unet(torch.cat([x, x]), t, cond).sample.chunk(2)
+            x = sched.step(out_u + 7.5 * (out_c - out_u), t, x, eta=0.0).prev_sample
+            if t.item() == 599:
+                x_499 = x
+    torch.testing.assert_close(states[0, 1], x_499[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(states[0, 2], x[0], rtol=1e-4, atol=1e-4)
+
+
+def test_learning_latent_reward_raises_held_out_alignment(workdir):
+    """Seeded: GRPO on the latent-distance reward alone, 10 iterations of 8 groups of 8, raises the held-out
+    alignment reward (-latent MSE to the teacher) by a clear margin. Measured -4.63 -> -3.77 (seed 0, +19 %);
+    seeds 1-3 gave +17 to +23 %; the test asks for +10 %. K = 1 and a student without CFG keep it fast."""
+    out = workdir / "learn"
+    redif.main(["--teacher", "tiny", "--device", "cpu", "--resolution", "8", "--steps", "1", "--teacher-steps", "10",
+                "--prompts", str(workdir / "prompts.txt"), "--teacher-cache", str(workdir / "cache"), "--out", str(out),
+                "--reward", "latent=1", "--bc-iters", "0", "--iters", "10", "--group", "8", "--prompts-per-iter", "8",
+                "--seed-pool", "32", "--lr", "2e-3", "--minibatches", "1", "--train-batch", "64", "--beta", "0",
+                "--student-guidance", "1", "--eval-every", "0", "--eval-pairs", "8"])
+    evals = [r for r in read_metrics(out) if r["phase"] == "eval"]
+    before, after = evals[0]["eval_reward"], evals[-1]["eval_reward"]
+    print(f"held-out alignment reward (-latent MSE): before {before:.4f} after {after:.4f}")
+    assert after > before + 0.10 * abs(before)
+
+
+def test_ppo_with_full_finetune_and_gradient_checkpointing(workdir):
+    """--algo ppo (per-prompt statistics, group 1), --finetune full (frozen teacher copy as the KL reference),
+    --gradient-checkpointing: the update runs, the tracker is checkpointed, the saved UNet moved."""
+    from diffusers import UNet2DConditionModel
+    out = workdir / "ppo"
+    redif.main(tiny_args(workdir, "ppo", "--algo", "ppo", "--group", "1", "--finetune", "full", "--bc-iters", "0",
+                         "--iters", "2", "--eval-every", "0", "--ppo-buffer", "4", "--ppo-min-count", "2",
+                         "--reward", "latent=1", "--gradient-checkpointing"))
+    train = [r for r in read_metrics(out) if r["phase"] == "rl"]
+    assert len(train) == 2 and all(r["loss"] is not None for r in train) and train[1]["kl"] > 0
+    assert json.loads((out / "config.json").read_text())["lr"] == 1e-5
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert set(ckpt["tracker"]) <= {"a photo of a cat", "a red car on a road"}
+    assert sum(len(v) for v in ckpt["tracker"].values()) == 4  # 2 iterations x 2 rollouts
+    cfg = redif.Config(**json.loads((out / "config.json").read_text()))
+    teacher = redif.load_pipeline(cfg).unet.state_dict()
+    student = UNet2DConditionModel.from_pretrained(out / "student" / "unet").state_dict()
+    assert set(student) == set(teacher) and len(ckpt["trainable"]) == len(teacher)
+    assert max((student[k] - teacher[k]).abs().max().item() for k in teacher) > 1e-6
+
+
+def test_v_prediction_teachers_are_converted_to_epsilon():
+    """SD2.x 768-v models predict v; guided_eps turns it into eps so the DDIM policy (E1) is unchanged."""
+    from types import SimpleNamespace
+    from diffusers import DDIMScheduler
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, prediction_type="v_prediction", timestep_spacing="trailing")
+    sched.set_timesteps(5)
+    g = torch.Generator().manual_seed(6)
+    x, v = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    unet = lambda sample, t, cond: SimpleNamespace(sample=v)  # noqa: E731
+    eps = redif.guided_eps(unet, x, 799, None, None, 1.0, sched.alphas_cumprod, "v_prediction")
+    ours = redif.ddim_step_with_logprob(eps, 799, 599, x, sched.alphas_cumprod, eta=0.0)[0]
+    torch.testing.assert_close(ours, sched.step(v, 799, x, eta=0.0).prev_sample, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The shared pure functions give toy/'s numbers on the same inputs (toy is float64; compare in float32)
+# ---------------------------------------------------------------------------------------------------
+def test_trailing_grid_matches_toy_and_diffusers():
+    from diffusers import DDIMScheduler
+    from toy import diffusion as toy
+    for k in (1, 2, 3, 4, 5, 6, 8, 50):
+        assert torch.equal(redif.trailing_timesteps(k), toy.trailing_timesteps(k))
+        sched = DDIMScheduler(timestep_spacing="trailing")
+        sched.set_timesteps(k)
+        assert redif.trailing_timesteps(k).tolist() == sched.timesteps.tolist()
+    assert redif.trailing_timesteps(5).tolist() == [999, 799, 599, 399, 199]
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_step_with_logprob_matches_toy_and_diffusers(eta):
+    from diffusers import DDIMScheduler
+    from toy import diffusion as toy
+    g = torch.Generator().manual_seed(0)
+    ac64 = toy.sd_alphas_cumprod()
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, timestep_spacing="trailing")
+    torch.testing.assert_close(sched.alphas_cumprod, ac64.float())
+    sched.set_timesteps(5)
+    for t, t_prev in [(999, 799), (399, 199), (199, -1)]:
+        eps, sample, noise = (torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
+        ref = toy.ddim_step_with_logprob(eps, t, t_prev, sample, ac64, eta, prev_sample=sample * 0.9 + noise * 0.1)
+        ours = redif.ddim_step_with_logprob(eps.float(), t, t_prev, sample.float(), sched.alphas_cumprod, eta,
+                                            prev_sample=(sample * 0.9 + noise * 0.1).float())
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b).float(), rtol=1e-4, atol=1e-4)
+        # the sampled action is diffusers' DDIM step with the same noise (E1)
+        step = redif.ddim_step_with_logprob(eps.float(), t, t_prev, sample.float(), sched.alphas_cumprod, eta)
+        drawn = (step[0] - step[2]) / step[3] if eta > 0 else None
+        theirs = sched.step(eps.float(), t, sample.float(), eta=eta, variance_noise=drawn).prev_sample
+        torch.testing.assert_close(step[0], theirs, rtol=1e-4, atol=1e-4)
+    # per-sample timesteps (B,) are supported as in toy
+    t, t_prev = torch.tensor([999, 599, 199]), torch.tensor([799, 399, -1])
+    eps, sample = (torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64) for _ in range(2))
+    ref = toy.ddim_step_with_logprob(eps, t, t_prev, sample, ac64, eta, prev_sample=sample)
+    ours = redif.ddim_step_with_logprob(eps.float(), t, t_prev, sample.float(), ac64.float(), eta,
+                                        prev_sample=sample.float())
+    torch.testing.assert_close(ours[1], ref[1].float(), rtol=1e-4, atol=1e-4)
+
+
+def test_log_prob_is_the_gaussian_density_averaged_over_dims():
+    g = torch.Generator().manual_seed(1)
+    ac = torch.linspace(0.9991, 0.0047, 1000)
+    eps, sample = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+    prev, log_prob, mean, std = redif.ddim_step_with_logprob(eps, 500, 300, sample, ac, 1.0, generator=g)
+    expected = torch.distributions.Normal(mean, std).log_prob(prev).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(log_prob, expected)
+
+
+def test_grpo_advantages_match_toy():
+    from toy import redif as toy
+    g = torch.Generator().manual_seed(2)
+    rewards = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    rewards[2] = 0.7  # an all-equal group
+    ours = redif.grpo_advantages(rewards.float())
+    torch.testing.assert_close(ours, toy.grpo_advantages(rewards).float(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(ours[2], torch.zeros(4))
+    torch.testing.assert_close(ours.mean(1), torch.zeros(5), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="non-finite rewards"):
+        redif.grpo_advantages(torch.tensor([[1.0, float("nan")]]))
+
+
+def test_clipped_surrogate_and_gaussian_kl_match_toy():
+    from toy import redif as toy
+    g = torch.Generator().manual_seed(3)
+    log_prob, old, adv = (torch.randn(16, generator=g, dtype=torch.float64) * 0.1 for _ in range(3))
+    for clip in (1e-4, 0.05, 0.2):
+        torch.testing.assert_close(redif.clipped_surrogate(log_prob.float(), old.float(), adv.float(), clip),
+                                   toy.clipped_surrogate(log_prob, old, adv, clip).float(), rtol=1e-5, atol=1e-6)
+    # E5 by hand: r inside the clip range -> -mean(r A); r far outside with A > 0 -> clipped
+    assert redif.clipped_surrogate(torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([2.0]), 0.1).item() == -2.0
+    far = redif.clipped_surrogate(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([1.0]), 0.1)
+    assert far.item() == pytest.approx(-1.1)
+    mean, ref_mean = (torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    std = torch.rand(3, 1, 1, 1, generator=g, dtype=torch.float64) + 0.1
+    ours = redif.gaussian_kl(mean.float(), ref_mean.float(), std.float())
+    torch.testing.assert_close(ours, toy.gaussian_kl(mean, ref_mean, std).float(), rtol=1e-5, atol=1e-6)
+    # E6 is the closed form KL of two Gaussians with the same std
+    normal = torch.distributions.Normal
+    exact = torch.distributions.kl_divergence(normal(mean, std), normal(ref_mean, std))
+    torch.testing.assert_close(ours, exact.mean(dim=(1, 2, 3)).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_per_prompt_stat_tracker_matches_toy():
+    from toy import redif as toy
+    g = torch.Generator().manual_seed(4)
+    ours = redif.PerPromptStatTracker(buffer_size=6, min_count=4)
+    ref = toy.PerPromptStatTracker(buffer_size=6, min_count=4)
+    for _ in range(5):
+        keys = [["cat", "car", "dog"][i] for i in torch.randint(3, (6,), generator=g)]
+        rewards = torch.randn(6, generator=g, dtype=torch.float64)
+        expected = torch.as_tensor(ref.update(keys, rewards)).float()
+        torch.testing.assert_close(ours.update(keys, rewards.float()), expected, rtol=1e-4, atol=1e-5)
+    # below min_count the batch statistics are used
+    fresh = redif.PerPromptStatTracker(buffer_size=32, min_count=16)
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    expected = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-6)
+    torch.testing.assert_close(fresh.update(["a", "a", "b", "b"], rewards), expected)
+
+
+def test_offline_tokenizer_matches_sd():
+    assert redif.offline_clip_tokenizer()("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_frechet_distance_of_gaussians():
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(4000, 3, generator=g, dtype=torch.float64)
+    assert redif.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    # N(0, I) vs N(1, 4 I) in 3-d: |mu|^2 + tr(I + 4I - 2 * 2I) = 3 + 3
+    b = 1 + 2 * torch.randn(4000, 3, generator=g, dtype=torch.float64)
+    assert redif.frechet_distance(a, b) == pytest.approx(6.0, rel=0.1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one line naming the fix, before any heavy work; nothing already written is lost
+# ---------------------------------------------------------------------------------------------------
+def expect_error(argv, *fragments):
+    with pytest.raises(SystemExit) as info:
+        redif.main(argv)
+    message = str(info.value.code)
+    assert message.startswith("error: ") and "(fix: " in message and "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+    return message
+
+
+def test_bad_inputs(workdir, monkeypatch):
+    base = ["--device", "cpu", "--out", str(workdir / "never")]
+    expect_error(["--teacher", "sd99"] + base, "unknown teacher alias 'sd99'")
+    expect_error(["--teacher", "./no/such/folder"] + base, "does not exist")
+    expect_error(["--teacher", str(workdir)] + base, "model_index.json")
+    expect_error(["--teacher", "tiny", "--steps", "50"] + base, "--steps 50", "below the teacher's 50")
+    expect_error(["--teacher", "tiny", "--steps", "10", "--teacher-steps", "10"] + base, "below")
+    expect_error(["--teacher", "tiny", "--algo", "grpo", "--group", "1"] + base, "--group 1", "--algo ppo")
+    (workdir / "empty.txt").write_text("\n  \n")
+    expect_error(["--teacher", "tiny", "--prompts", str(workdir / "empty.txt")] + base, "is empty")
+    expect_error(["--teacher", "tiny", "--prompts", str(workdir / "missing.txt")] + base, "not found")
+    expect_error(["--teacher", "tiny", "--reward", "clip=1,aesthetic=2"] + base, "unknown reward 'aesthetic'")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    expect_error(["--teacher", "tiny", "--device", "cuda", "--out", str(workdir / "never")], "CUDA is not available")
+    assert not (workdir / "never").exists()
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as info:
+        redif.main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(redif.Config):
+        assert "--" + f.name.replace("_", "-") in text and f.metadata["help"].split()[0] in text
+
+
+def test_existing_run_is_never_overwritten(full_run, workdir):
+    before = (full_run / "metrics.jsonl").read_text()
+    expect_error(tiny_args(workdir, "full", *RUN_FLAGS), "already holds a run", "--resume")
+    expect_error(tiny_args(workdir, "full", *RUN_FLAGS, "--resume", "--steps", "1"), "different settings: steps")
+    expect_error(tiny_args(workdir, "nothing-here", "--resume"), "does not exist")
+    assert (full_run / "metrics.jsonl").read_text() == before
+
+
+def test_nan_rewards_skip_updates_then_stop_with_a_checkpoint(workdir, monkeypatch):
+    original = redif.compute_rewards
+
+    def nan_rewards(*args, **kwargs):
+        total, terms, images = original(*args, **kwargs)
+        return torch.full_like(total, float("nan")), terms, images
+
+    monkeypatch.setattr(redif, "compute_rewards", nan_rewards)
+    out = workdir / "nan"
+    expect_error(tiny_args(workdir, "nan", "--bc-iters", "0", "--iters", "5", "--eval-every", "0"),
+                 "NaN", "3 iterations in a row", "--resume")
+    train = [r for r in read_metrics(out) if r["phase"] == "rl"]
+    assert [r["nan_skips"] for r in train] == [1, 2, 3] and all(r["reward_mean"] is None for r in train)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 3 and ckpt["nan_state"] == {"skips": 3, "streak": 3}
+    lora_b = [v for k, v in ckpt["trainable"].items() if "lora_B" in k]
+    assert lora_b and all(torch.equal(v, torch.zeros_like(v)) for v in lora_b)  # no update was applied

@@ -1,0 +1,267 @@
+"""toy/dmdr.py: the DMD gradient (E8) against closed forms, the cold-start schedules (E10, E11), the sampler,
+and one seeded learning test per method (DMD, RL only, DMDR with ReFL / DPO / GRPO)."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from toy.diffusion import DTYPE, GaussianMixture, add_noise, pretrain_student, sd_alphas_cumprod, x0_from_eps
+from toy.dmdr import (
+    FakeScore, ToyDMDRConfig, backward_simulate, dmd_loss, dynadg_scale, dynars_beta, generate, predict_x0,
+    real_eps, sample_renoise_timesteps, toy_reward, train_dmdr,
+)
+
+AC = sd_alphas_cumprod()
+
+
+# ---------------------------------------------------------------------------------------------------
+# E8: the DMD loss's gradient
+# ---------------------------------------------------------------------------------------------------
+shapes = st.sampled_from([(1, 2), (5, 2), (3, 7), (2, 4, 3, 3)])
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1), scale=st.floats(1e-3, 1e3))
+def test_dmd_gradient_is_g_over_numel(shape, seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    x = (scale * torch.randn(shape, generator=g, dtype=DTYPE)).requires_grad_()
+    x0_real = scale * torch.randn(shape, generator=g, dtype=DTYPE)
+    x0_fake = scale * torch.randn(shape, generator=g, dtype=DTYPE)
+    dmd_loss(x, x0_real, x0_fake).backward()
+    norm = (x - x0_real).abs().flatten(1).mean(1).reshape((-1,) + (1,) * (len(shape) - 1))
+    expected = (x0_fake - x0_real) / (norm * x.numel())  # g / N: descent moves x toward x0_real
+    torch.testing.assert_close(x.grad, expected.detach(), rtol=1e-10, atol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1))
+def test_dmd_gradient_is_zero_when_fake_equals_real(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=DTYPE).requires_grad_()
+    x0 = torch.randn(shape, generator=g, dtype=DTYPE)
+    loss = dmd_loss(x, x0, x0.clone())
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(x.grad == 0)
+
+
+def test_dmd_loss_nan_to_num_where_both_estimates_equal_x():
+    x = torch.tensor([[1.0, 2.0], [0.5, -1.0]], dtype=DTYPE, requires_grad=True)
+    x0_real = torch.stack([x[0].detach(), torch.tensor([0.0, 0.0], dtype=DTYPE)])  # sample 0: g = 0 / 0
+    x0_fake = torch.stack([x[0].detach(), torch.tensor([1.0, 1.0], dtype=DTYPE)])
+    dmd_loss(x, x0_real, x0_fake).backward()
+    assert torch.all(x.grad[0] == 0)  # nan -> 0, and it does not spill into the other sample
+    torch.testing.assert_close(x.grad[1], torch.full((2,), 1.0 / 0.75 / 4, dtype=DTYPE))
+
+
+def gaussian(mean, cov):
+    """A one-component GaussianMixture: its exact eps gives the Tweedie x0 estimate of N(mean, cov) at any t."""
+    mean, cov = torch.as_tensor(mean, dtype=DTYPE), torch.as_tensor(cov, dtype=DTYPE)
+    return GaussianMixture(weights=[1.0], means=mean.unsqueeze(0), covs=cov.unsqueeze(0))
+
+
+def dmd_grads(gen_mu, gen_std, real, t, n, seed):
+    """Per-sample d dmd_loss / dx for x ~ N(gen_mu, gen_std^2 I), with the exact x0 estimates of both
+    Gaussians at the renoised x. Returns x (n, 2), its gradient (n, 2), the normaliser N mean|p_real| (n, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    fake = gaussian(gen_mu, gen_std**2 * torch.eye(2, dtype=DTYPE))
+    x = torch.as_tensor(gen_mu, dtype=DTYPE) + gen_std * torch.randn(n, 2, generator=g, dtype=DTYPE)
+    x.requires_grad_()
+    t = torch.as_tensor(t).expand(n)
+    x_t = add_noise(x.detach(), torch.randn(n, 2, generator=g, dtype=DTYPE), AC[t])
+    x0_real = x0_from_eps(x_t, real.eps(x_t, t, None, AC), AC[t])
+    x0_fake = x0_from_eps(x_t, fake.eps(x_t, t, None, AC), AC[t])
+    dmd_loss(x, x0_real, x0_fake).backward()
+    return x, x.grad, x.numel() * (x.detach() - x0_real).abs().mean(1, keepdim=True)
+
+
+def grad_kl(gen_mu, real_mean, real_cov, t):
+    """grad_mu KL(p_fake,t || p_real,t) = abar C^-1 (mu - m), C = abar S + (1 - abar) I (the generator's
+    covariance does not enter the mean's gradient)."""
+    a = AC[t]
+    cov_t = a * torch.as_tensor(real_cov, dtype=DTYPE) + (1 - a) * torch.eye(2, dtype=DTYPE)
+    diff = torch.as_tensor(gen_mu, dtype=DTYPE) - torch.as_tensor(real_mean, dtype=DTYPE)
+    return a * torch.linalg.solve(cov_t, diff)
+
+
+def test_expected_dmd_gradient_is_grad_kl_per_t():
+    """With the per-sample normaliser undone, E[N |p_real| dL/dx] = E[x0_fake - x0_real]
+    = (1 - abar) C^-1 (mu - m) = (1 - abar) / abar * grad_mu KL_t (Tweedie; E[s_fake] = 0 under p_fake).
+    Anisotropic data, so the direction changes with t and a wrong weighting would show."""
+    mu, m, cov = [0.2, 0.4], [1.0, -0.5], [[0.09, 0.0], [0.0, 2.25]]
+    real = gaussian(m, cov)
+    for t in (50, 200, 400, 600, 800, 950):
+        _, grad, norm = dmd_grads(mu, 0.5, real, t, 40000, seed=t)
+        a = AC[t]
+        estimate = (norm * grad).mean(0) * a / (1 - a)
+        expected = grad_kl(mu, m, cov, t)
+        torch.testing.assert_close(estimate, expected, rtol=0.03, atol=0.01 * expected.norm().item())
+
+
+def test_dmd_gradient_on_the_mean_points_along_grad_kl():
+    """The DMD loss as trained (normalised, t ~ U[20, 980]), differentiated w.r.t. a Gaussian generator's
+    mean: a positive multiple of grad_mu KL (isotropic data: every t's KL gradient has the same direction)."""
+    mu, m, cov = [0.3, -0.6], [1.5, 0.5], [[0.25, 0.0], [0.0, 0.25]]
+    real = gaussian(m, cov)
+    g = torch.Generator().manual_seed(0)
+    total = torch.zeros(2, dtype=DTYPE)
+    for t in torch.randint(20, 981, (40,), generator=g).tolist():
+        _, grad, _ = dmd_grads(mu, 0.4, real, t, 2000, seed=t)
+        total += grad.sum(0)  # x = mu + s z: dL/dmu = sum_i dL/dx_i
+    direction = grad_kl(mu, m, cov, 500)
+    assert torch.cosine_similarity(total, direction, dim=0) > 0.99
+
+
+# ---------------------------------------------------------------------------------------------------
+# E10, E11: the cold-start schedules
+# ---------------------------------------------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(a0=st.floats(1.0, 10.0), b0=st.floats(1.0, 10.0), total=st.integers(1, 500))
+def test_dynars_starts_at_a0_b0_ends_uniform_with_monotone_mean(a0, b0, total):
+    assert dynars_beta(0, a0, b0, total) == pytest.approx((a0, b0))
+    assert dynars_beta(total, a0, b0, total) == pytest.approx((1.0, 1.0), abs=1e-12)
+    assert dynars_beta(3 * total + 7, a0, b0, total) == (1.0, 1.0)
+    means = torch.tensor([a / (a + b) for a, b in (dynars_beta(s, a0, b0, total) for s in range(total + 3))])
+    diffs = (means[1:] - means[:-1]) * (1 if a0 >= b0 else -1)  # a0 > b0: biased to high noise, mean decays
+    assert torch.all(diffs <= 1e-12)
+
+
+def test_renoise_timesteps_range_mean_and_reproducibility():
+    a0, b0, total = 4.0, 1.5, 100
+    state = torch.get_rng_state()
+    early = sample_renoise_timesteps(20000, 0, a0, b0, total, generator=torch.Generator().manual_seed(0))
+    late = sample_renoise_timesteps(20000, total, a0, b0, total, generator=torch.Generator().manual_seed(0))
+    flat = sample_renoise_timesteps(20000, 0, a0, b0, total, generator=torch.Generator().manual_seed(1),
+                                    dynamic=False)
+    assert torch.equal(torch.get_rng_state(), state)  # the fork leaves the global RNG alone
+    for t in (early, late, flat):
+        assert t.dtype == torch.long and t.min() >= 20 and t.max() <= 980
+    assert early.double().mean().item() == pytest.approx(20 + 960 * a0 / (a0 + b0), abs=6)  # SE ~1.2
+    assert late.double().mean().item() == pytest.approx(500, abs=6)
+    assert flat.double().mean().item() == pytest.approx(500, abs=6)
+    again = sample_renoise_timesteps(20000, 0, a0, b0, total, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(early, again)
+
+
+def test_dynadg_decays_monotonically_to_zero():
+    total = 200
+    scales = [dynadg_scale(s, 0.75, total) for s in range(total + 20)]
+    assert scales[0] == 0.75 and scales[total // 2] == pytest.approx(0.375)
+    assert all(b <= a for a, b in zip(scales, scales[1:]))
+    assert all(s == 0.0 for s in scales[total:])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scores and sampler
+# ---------------------------------------------------------------------------------------------------
+def test_fake_score_starts_as_teacher_so_first_dmd_gradient_vanishes():
+    data = GaussianMixture()
+    fake = FakeScore(data)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 2, generator=g, dtype=DTYPE).requires_grad_()
+    labels = torch.randint(0, data.num_modes, (64,), generator=g)
+    t = torch.randint(20, 981, (64,), generator=g)
+    x_t = add_noise(x.detach(), torch.randn(64, 2, generator=g, dtype=DTYPE), AC[t])
+    with torch.no_grad():
+        x0_real = x0_from_eps(x_t, real_eps(data, fake, x_t, t, labels, 1.0, 0.75, AC), AC[t])
+        x0_fake = x0_from_eps(x_t, fake(x_t, t, labels, AC), AC[t])
+    dmd_loss(x, x0_real, x0_fake).backward()
+    assert torch.all(x.grad == 0)  # zero LoRA delta: fake == real, with or without DynaDG
+
+
+def test_backward_simulation_sees_the_sampler_states():
+    """The trained step at k = K - 1 starts from exactly the state `generate` reaches (same noise draws)."""
+    data = GaussianMixture()
+    model = pretrain_student(data, steps=300, batch=256, hidden=64)
+    z = torch.randn(32, 2, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
+    labels = torch.arange(32) % data.num_modes
+    out = generate(model, z, labels, 4, generator=torch.Generator().manual_seed(7))
+    x_K, t_K = backward_simulate(model, z, labels, 4, torch.full((32,), 3), torch.Generator().manual_seed(7))
+    assert torch.all(t_K == 249)
+    with torch.no_grad():
+        torch.testing.assert_close(predict_x0(model, x_K, t_K, labels, AC), out, rtol=0, atol=1e-12)
+    assert torch.equal(out, generate(model, z, labels, 4, generator=torch.Generator().manual_seed(7)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Seeded learning tests (margins: see the numbers over seeds 0-2 in the comments)
+# ---------------------------------------------------------------------------------------------------
+def sliced_w2(a, b, num_proj=128):
+    theta = torch.linspace(0, math.pi, num_proj + 1, dtype=DTYPE)[:-1]
+    dirs = torch.stack([theta.cos(), theta.sin()], -1)  # (P, 2)
+    pa, pb = (a @ dirs.T).sort(0).values, (b @ dirs.T).sort(0).values
+    return ((pa - pb) ** 2).mean().sqrt().item()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    data = GaussianMixture()
+    student = pretrain_student(data, steps=300, batch=256, hidden=64)  # same args as test_toy_redif: cached
+    g = torch.Generator().manual_seed(123)
+    x0, labels = data.sample(3000, generator=g)
+    z = torch.randn(3000, 2, generator=g, dtype=DTYPE)
+
+    def evaluate(model, steps):
+        x = generate(model, z, labels, steps, generator=torch.Generator().manual_seed(5))
+        return dict(sw2=sliced_w2(x, x0), reward=toy_reward(x).mean().item(),
+                    logp=data.log_prob(x, torch.tensor(1.0, dtype=DTYPE)).mean().item())
+
+    return data, student, evaluate
+
+
+def test_dmd_improves_a_poor_one_step_generator(setup):
+    """K = 1 from the pretrained student (its one-step x0: a blurred mean plus 15x-amplified eps errors).
+    Seeds 0 / 1 / 2: SW2 2.00 -> 0.45 / 0.56 / 0.48, mean log p_0 -233 -> -30 / -34 / -30."""
+    data, student, evaluate = setup
+    cfg = ToyDMDRConfig(steps=1, iters=200, batch=64, total_steps=100)
+    model, history = train_dmdr(data, student, cfg, seed=0)
+    init, trained = evaluate(student, 1), evaluate(model, 1)
+    assert trained["sw2"] < 0.4 * init["sw2"]
+    assert trained["logp"] > init["logp"] + 100
+    assert set(history[0]) == {"dmd_loss", "fake_loss", "rl_loss", "reward", "dynadg_scale", "dynars_mean",
+                               "grad_norm"}
+    assert history[0]["dynadg_scale"] == 0.75 and history[-1]["dynadg_scale"] == 0.0
+    assert history[0]["dynars_mean"] == pytest.approx(4.0 / 5.5) and history[-1]["dynars_mean"] == 0.5
+    assert all(math.isfinite(h["dmd_loss"]) and math.isfinite(h["grad_norm"]) for h in history)
+
+
+K, ITERS = 2, 120
+QUICK = dict(steps=K, iters=ITERS, batch=64, rl_start=20, total_steps=20)  # RL weights: 2x the defaults (a
+# short run; the defaults are sized for ~300 RL iterations)
+
+
+@pytest.fixture(scope="module")
+def runs(setup):
+    """K = 2, seed 0. Seeds 0 / 1 / 2 (init: reward 0.145, SW2 0.138, mean log p_0 -2.6), reward and SW2:
+    DMD 0.21 / 0.08 / 0.19, 0.21 / 0.21 / 0.18; ReFL 0.31 / 0.21 / 0.30, 0.23 / 0.20 / 0.20;
+    DPO 0.37 / 0.33 / 0.37, 0.26 / 0.23 / 0.23; GRPO 0.32 / 0.26 / 0.31, 0.24 / 0.21 / 0.21;
+    RL only 1.73 / 1.74 / 1.73, 1.13 / 1.13 / 1.12 (log p_0 -90 / -89 / -89)."""
+    data, student, evaluate = setup
+    out = {"init": evaluate(student, K)}
+    for name, kw in [("dmd", dict(rl="none")), ("refl", dict(rl="refl", rl_weight=0.12)),
+                     ("dpo", dict(rl="dpo", rl_weight=0.5)), ("grpo", dict(rl="grpo", rl_weight=0.01)),
+                     ("rl_only", dict(rl="refl", use_dmd=False))]:
+        model, _ = train_dmdr(data, student, ToyDMDRConfig(**QUICK, **kw), seed=0)
+        out[name] = evaluate(model, K)
+    return out
+
+
+def test_rl_alone_hacks_the_reward_off_the_data(runs):
+    init, rl = runs["init"], runs["rl_only"]
+    assert rl["reward"] > init["reward"] + 1.0
+    assert rl["sw2"] > 4 * init["sw2"] and rl["logp"] < init["logp"] - 40
+
+
+def test_dmd_alone_stays_at_the_teacher_reward(runs):
+    assert abs(runs["dmd"]["reward"] - runs["init"]["reward"]) < 0.15
+    assert runs["dmd"]["sw2"] < 2.5 * runs["init"]["sw2"]
+
+
+@pytest.mark.parametrize("rl", ["refl", "dpo", "grpo"])
+def test_dmdr_raises_reward_and_stays_on_the_data(runs, rl):
+    dmdr, dmd, rl_only = runs[rl], runs["dmd"], runs["rl_only"]
+    assert dmdr["reward"] > dmd["reward"] + 0.05  # gains over seeds 0-2: >= +0.10 (ReFL), +0.16 (DPO), +0.11
+    assert dmdr["sw2"] < 0.35 * rl_only["sw2"]
+    assert dmdr["sw2"] < 1.6 * dmd["sw2"]
+    assert dmdr["logp"] > rl_only["logp"] + 50
