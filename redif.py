@@ -96,7 +96,7 @@ class Config:
     eta: float = flag(1.0, "DDIM eta of training rollouts (E1: > 0 explores; 0 at evaluation and inference)")
     clip_range: float = flag(1e-4, "ratio clip range (E5); small because log-probs are averaged over dims (DDPO)")
     adv_clip_max: float = flag(5.0, "advantages are clipped to [-this, this] (DDPO)")
-    beta: float = flag(0.01, "weight of the KL to the initial student (E6; our choice)")
+    beta: float = flag(0.01, "weight of the KL to the student as RL starts, i.e. after BC (E6; our choice)")
     minibatches: int = flag(2, "optimiser steps per pass over an iteration's rollouts (DDPO-like)")
     train_batch: int = flag(4, "rollouts per forward/backward (gradient accumulation within a minibatch; memory)")
     inner_epochs: int = flag(1, "passes over each iteration's rollouts (DDPO)")
@@ -303,6 +303,7 @@ class Models:
     prediction_type: str
     latent_size: int
     text_cache: dict = field(default_factory=dict)  # prompt -> embedding (77, D)
+    reference: dict = None  # E6's reference after a BC warm-up: the trainable weights when RL started
 
     @property
     def student(self):
@@ -342,7 +343,7 @@ def setup_models(cfg, pipe, device):
 
 @contextlib.contextmanager
 def frozen_teacher(models):
-    """The teacher's weights: the teacher, and the reference policy of the KL (E6)."""
+    """The teacher's weights (with LoRA: the student with its adapter switched off)."""
     if models.teacher_unet is not None:
         yield models.teacher_unet
         return
@@ -351,6 +352,31 @@ def frozen_teacher(models):
         yield models.student
     finally:
         models.student.enable_adapters()
+
+
+@contextlib.contextmanager
+def reference_policy(models):
+    """E6's reference: the student when RL starts. Without BC that is the teacher (no copy needed); after BC,
+    the weights snapshotted at the switch (`snapshot_reference`), swapped in by pointer for the call."""
+    if models.reference is None:
+        with frozen_teacher(models) as unet:
+            yield unet
+        return
+    params = dict(models.student.named_parameters())
+
+    def swap():
+        for name, ref in models.reference.items():
+            params[name].data, ref.data = ref.data, params[name].data
+
+    swap()
+    try:
+        yield models.student
+    finally:
+        swap()
+
+
+def snapshot_reference(models):
+    models.reference = {n: p.detach().clone() for n, p in models.student.named_parameters() if p.requires_grad}
 
 
 def trainable_state(unet):
@@ -637,7 +663,7 @@ def policy_loss_step(models, latents, old_log_probs, advantages, cond, k, t, t_p
     loss = clipped_surrogate(log_prob, old_log_probs[:, k], advantages, cfg.clip_range)  # E5
     kl = torch.zeros_like(log_prob)
     if cfg.beta > 0:
-        with torch.no_grad(), frozen_teacher(models) as reference:
+        with torch.no_grad(), reference_policy(models) as reference:
             ref_mean = policy_step(models, reference, x, t, t_prev, cond, cfg.eta, prev_sample=action)[2]
         kl = gaussian_kl(mean, ref_mean, std)  # E6
         loss = loss + cfg.beta * kl.mean()
@@ -739,8 +765,10 @@ def save_grid(images, path, max_rows=8):
 def save_checkpoint(path, step, models, optimizer, tracker, nan_state):
     rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    reference = None if models.reference is None else {n: t.cpu() for n, t in models.reference.items()}
     atomic_save(dict(step=step, trainable=trainable_state(models.student), optimizer=optimizer.state_dict(),
-                     tracker=tracker.stats if tracker else None, nan_state=nan_state, rng=rng), path)
+                     reference=reference, tracker=tracker.stats if tracker else None, nan_state=nan_state,
+                     rng=rng), path)
 
 
 def load_checkpoint(path, models, optimizer, tracker):
@@ -749,6 +777,8 @@ def load_checkpoint(path, models, optimizer, tracker):
         fail(f"checkpoint {path} does not match this student", "resume with the run's --finetune and --lora-rank")
     models.student.load_state_dict(ckpt["trainable"], strict=False)
     optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("reference") is not None:
+        models.reference = {n: t.to(models.device) for n, t in ckpt["reference"].items()}
     if tracker is not None:
         tracker.stats = ckpt["tracker"] or {}
     rng = ckpt["rng"]
@@ -842,6 +872,8 @@ def train_iteration(models, rm, weights, cache, optimizer, tracker, prompts, ste
     if record["phase"] == "bc":
         record.update(bc_update(models, optimizer, teacher, encode_prompts(models, pair_prompts)))
     else:
+        if cfg.bc_iters > 0 and cfg.beta > 0 and models.reference is None:
+            snapshot_reference(models)  # E6: the KL holds RL near the BC'd student, not the pre-BC teacher
         # a group = G rollouts sharing prompt and x_T, differing in eta-noise (E4); rollout b is in group b // G
         rollout_prompts = [p for p in pair_prompts for _ in range(cfg.group)]
         cond = encode_prompts(models, rollout_prompts)

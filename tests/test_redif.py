@@ -143,6 +143,18 @@ def test_bc_warmup_regresses_the_student_onto_the_teacher(workdir):
     assert evals[1] < 0.92 * evals[0]
 
 
+def test_kl_reference_is_the_student_as_rl_starts_not_the_pre_bc_teacher(workdir):
+    """E6 after E7: the first RL minibatch is evaluated before any RL update, so its KL to the reference is
+    exactly 0 only if the reference is the BC'd student (the teacher would give KL > 0: BC moved the LoRA)."""
+    out = workdir / "kl_ref"
+    redif.main(tiny_args(workdir, "kl_ref", "--bc-iters", "2", "--iters", "1", "--lr", "3e-3", "--inner-epochs", "1",
+                         "--minibatches", "1", "--eval-every", "0"))
+    bc, rl = [r for r in read_metrics(out) if r["phase"] != "eval"][1:]
+    assert bc["phase"] == "bc" and rl["phase"] == "rl"
+    assert rl["kl"] == 0.0
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["reference"] is not None  # resumes with it
+
+
 def test_teacher_cache_holds_the_teacher_trajectory_at_the_students_levels(workdir, full_run):
     """Cached states: x_T first, then the teacher's own DDIM states at 499 and the final latent (K=2 | 10)."""
     cfg = redif.Config(**json.loads((full_run / "config.json").read_text()))
