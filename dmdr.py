@@ -9,6 +9,7 @@ Equation tags refer to METHOD.md sections 5-6.
     python dmdr.py --teacher sd15 --steps 1 --rl none             # distillation only
     python dmdr.py --teacher tiny --iters 20 --rl grpo --rl-start 0 --device cpu   # offline smoke run
     python dmdr.py --teacher sd15 --steps 4 --out runs/dmdr --resume              # continue a run exactly
+    python dmdr.py --teacher sd15-random --rl-start 0 --profile 5 --out runs/prof # speed and memory table
 
 The generator is saved as a complete diffusers pipeline (LCMScheduler set to the generator's grid):
 
@@ -30,6 +31,7 @@ off (or, under DynaDG, with "fake" at a reduced scale). A full generator (`--gen
 choice) is necessarily a second, trainable copy.
 """
 import argparse
+import collections
 import contextlib
 import copy
 import functools
@@ -43,6 +45,7 @@ import signal
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -126,6 +129,8 @@ class Config:
     device: str = flag("auto", "cuda: bf16 autocast, frozen parts bf16; cpu: float32", choices=["auto", "cuda", "cpu"])
     resume: bool = flag(False, "continue exactly from <out>/checkpoint.pt")
     seed: int = flag(0, "seed of all sampling")
+    profile: int = flag(0, "time N training iterations after 1 warm-up, print (and append to metrics.jsonl) "
+                        "seconds per phase, evaluations, floor, peak memory; then exit (no eval or saving)")
 
 
 def parse_args(argv=None):
@@ -182,6 +187,8 @@ def validate(cfg):
     if cfg.fake_updates < 0 or cfg.num_eval_prompts < 2:
         fail("--fake-updates must be >= 0 and --num-eval-prompts >= 2 (the Frechet distance needs a covariance)",
              "e.g. --fake-updates 5 --num-eval-prompts 4")
+    if cfg.profile < 0:
+        fail(f"--profile {cfg.profile}", "pass the number of iterations to time, or 0 for a normal run")
     parse_reward(cfg.reward)
     if cfg.prompts is None:
         prompts = list(DEFAULT_PROMPTS)
@@ -201,7 +208,7 @@ def validate(cfg):
         fail(f"{out} already holds a run", "pass --resume to continue it, or choose another --out")
     if cfg.resume:
         saved = json.loads((out / "config.json").read_text())
-        free = {"iters", "resume", "device", "eval_every", "save_every"}
+        free = {"iters", "resume", "device", "eval_every", "save_every", "profile"}
         changed = [k for k, v in asdict(cfg).items() if k not in free and saved.get(k, v) != v]
         if changed:
             fail(f"--resume with different settings: {', '.join(changed)}", "resume with the values in config.json")
@@ -726,6 +733,84 @@ def pick_prompts(prompts, n):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Profiling (--profile N): seconds per phase, model evaluations by kind, the floor they imply, peak memory
+# ---------------------------------------------------------------------------------------------------
+# Per-image costs measured on the lent H100 (issue 5): random-weight SD1.5 UNet, 512 px, bf16, eager PyTorch.
+# Forward 52 ms / 16 images; forward+backward+AdamW 180 ms / 16; VAE decode 100 ms / 8. A decode with grad (ReFL)
+# is counted as 3 decodes (forward + a backward of about twice its cost), not measured.
+H100_SD15_MS = {"unet fwd": 52 / 16, "unet fwd+bwd": 180 / 16, "vae fwd": 100 / 8, "vae fwd+bwd": 3 * 100 / 8}
+SD15_UNET_PARAMS = 859_520_964
+UNET_CALLERS = {"real_x0": "real score", "fake_x0": "fake score", "fake_score_loss": "fake score",
+                "generator_eps": "generator"}  # the function of this file that calls the UNet names the kind
+RL_LOSSES = {"refl_loss", "dpo_loss", "grpo_loss"}  # they call the generator too: RL wins
+
+
+def unet_caller():
+    names = {frame.f_code.co_name for frame, _ in traceback.walk_stack(None)}
+    return "rl" if names & RL_LOSSES else next(UNET_CALLERS[n] for n in UNET_CALLERS if n in names)
+
+
+def count_evaluations(counts, module, kind):
+    """Forward hook: counts["<kind> fwd" or "<kind> fwd+bwd"] += images in the call (a CFG call on b images = 2b).
+    Grad enabled means a backward follows (every grad-enabled call in the loop is backpropagated)."""
+    def hook(mod, args, output):
+        name = unet_caller() if kind == "unet" else kind
+        counts[f"{name} {'fwd+bwd' if torch.is_grad_enabled() else 'fwd'}"] += args[0].shape[0]
+    return module.register_forward_hook(hook)
+
+
+def floor_seconds(m, counts):
+    """Evaluations x H100 SD1.5 cost, scaled by latent area (resolution/512)^2 and UNet size; no reward model."""
+    params = sum(p.numel() for n, p in m.unet.named_parameters() if "lora_" not in n)
+    scale = (m.unet.config.sample_size / 64) ** 2 * params / SD15_UNET_PARAMS
+    ms = {k: H100_SD15_MS[("vae " if k.startswith("vae") else "unet ") + k.split()[-1]] * scale
+          for k in counts if not k.startswith("reward")}
+    return sum(counts[k] * v for k, v in ms.items()) / 1000, ms
+
+
+def profile(m, cfg, opt_g, opt_f, step, train_prompts, metrics_path):
+    """One warm-up iteration (allocator, autotuning), then cfg.profile iterations of the loop's two updates."""
+    def iteration(s):
+        row = generator_update(m, cfg, opt_g, s, pick_prompts(train_prompts, cfg.batch_size))
+        return {**row, **fake_updates(m, cfg, opt_f, s, train_prompts)}
+    iteration(step)
+    counts, sec = collections.Counter(), collections.Counter()
+    hooks = [count_evaluations(counts, u, "unet") for u in {id(u): u for u in (m.unet, m.gen_unet)}.values()]
+    hooks += [count_evaluations(counts, m.vae.decoder, "vae decode"),
+              count_evaluations(counts, m.clip.visual, "reward")]
+    cuda = m.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for s in range(step + 1, step + 1 + cfg.profile):
+        sec.update({k: v for k, v in iteration(s).items() if k.startswith("sec_")})
+    if cuda:
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    for h in hooks:
+        h.remove()
+    sec["sec_other"] = wall - sum(sec.values())
+    floor, ms = floor_seconds(m, counts)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    print(f"\n## dmdr --profile {cfg.profile} (after 1 warm-up iteration; no evaluation or checkpoint)\n\n"
+          "| phase | seconds | share |\n|---|---:|---:|")
+    for k in ("sec_generator", "sec_fake", "sec_rl", "sec_other"):  # sec_rl excludes its backward (in generator)
+        print(f"| {k[4:]} | {sec[k]:.3f} | {sec[k] / wall:.0%} |")
+    print(f"| wall | {wall:.3f} | 100% |\n\n| evaluations (images) | count | floor ms/image |\n|---|---:|---:|")
+    for k, n in sorted(counts.items()):
+        print(f"| {k} | {n} | {f'{ms[k]:.4g}' if k in ms else 'not in floor'} |")
+    print(f"\nfloor {floor:.4g} s: H100 SD1.5 costs scaled to this UNet's size and resolution, meaningful on an H100 "
+          f"only (a decode with grad = 3 decodes)\nwall / floor = {wall / floor:.1f}; peak GPU memory "
+          + (f"{peak:.2f} GiB" if cuda else "n/a (cpu)"))
+    if cfg.rl != "none" and step + 1 < cfg.rl_start:
+        print(f"note: the RL branch is off before --rl-start {cfg.rl_start}; pass --rl-start 0 to profile it")
+    row = {"phase": "profile", "iter": step, "iters": cfg.profile, "wall_s": wall, **sec, "evals": counts,
+           "floor_s": floor, "wall_over_floor": wall / floor, "peak_gib": peak}  # "iter": --resume filters on it
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------
 # Evaluation: held-out prompts, fixed noise; reward, CLIP score, Frechet distance in CLIP space, PNG grid
 # ---------------------------------------------------------------------------------------------------
 def frechet_distance(f1, f2):
@@ -850,6 +935,8 @@ def main(argv=None):
     lines = metrics_path.read_text().splitlines() if cfg.resume and metrics_path.exists() else []
     kept = [ln + "\n" for ln in lines if json.loads(ln)["iter"] <= step]  # lines after the checkpoint are redone
     metrics_path.write_text("".join(kept))
+    if cfg.profile:
+        return profile(m, cfg, opt_g, opt_f, step, train_prompts, metrics_path)
 
     stop = {"requested": False}  # Ctrl-C: finish the iteration, checkpoint, exit (exactly resumable)
     def on_sigint(signum, frame):

@@ -115,6 +115,8 @@ class Config:
     resume: bool = flag(False, "continue exactly from <out>/checkpoint.pt")
     seed: int = flag(0, "seed of everything (LoRA init, prompt and seed draws, eta-noise)")
     gradient_checkpointing: bool = flag(False, "recompute UNet activations in the backward pass (less memory)")
+    profile: int = flag(0, "profile this many iterations after one warm-up: seconds per phase, UNet evaluations, "
+                        "the H100 floor, peak memory; printed and logged, then exit without saving (0: off)")
 
 
 def parse_args(argv=None):
@@ -425,7 +427,7 @@ class TeacherCache:
     def get(self, prompts, seeds):
         """-> teacher states (B, K+1, 4, h, w) on the device; computes and stores the missing ones."""
         paths = [self.path(p, s) for p, s in zip(prompts, seeds)]
-        todo = [i for i, p in enumerate(paths) if not p.exists()]
+        todo = [i for i, p in enumerate(paths) if not p.exists() and p not in paths[:i]]  # each once
         self.hits, self.misses = self.hits + len(paths) - len(todo), self.misses + len(todo)
         size = self.models.cfg.teacher_batch
         for start in tqdm(range(0, len(todo), size), desc="teacher", leave=False, disable=None if todo else True):
@@ -760,6 +762,91 @@ def save_grid(images, path, max_rows=8):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Profiling (--profile N): seconds per phase, images through each model, and the floor they imply
+# ---------------------------------------------------------------------------------------------------
+# Per-image costs of the SD1.5 UNet (859,520,964 parameters) at 512 px in bf16, eager PyTorch, measured on the
+# lent H100 (issue 5): forward 52 ms / 16 images, forward+backward+AdamW 180 ms / 16, VAE decode 100 ms / 8.
+SD15_UNET_PARAMS = 859_520_964
+H100_SEC_FORWARD, H100_SEC_TRAIN, H100_SEC_DECODE = 0.052 / 16, 0.180 / 16, 0.100 / 8
+
+
+def count_images(models, rm, cache):
+    """Pre-hooks counting batch rows (a CFG call on b latents is 2b): UNet forward-only and forward+backward
+    (grad on), the teacher's share of the forward-only ones, VAE decodes, reward-model images."""
+    counts = dict(unet_forward=0, unet_forward_backward=0, unet_teacher=0, vae_decode=0, reward_images=0)
+
+    def counter(kind):
+        def hook(module, args, kwargs):
+            kind_now = "unet_forward_backward" if kind == "unet_forward" and torch.is_grad_enabled() else kind
+            counts[kind_now] += (list(args) + list(kwargs.values()))[0].shape[0]
+        return hook
+
+    modules = [(models.student, "unet_forward"), (models.teacher_unet, "unet_forward"),
+               (models.pipe.vae.decoder, "vae_decode"), (rm.clip.visual, "reward_images"), (rm.dino, "reward_images")]
+    hooks = [m.register_forward_pre_hook(counter(kind), with_kwargs=True) for m, kind in modules if m is not None]
+
+    def teacher_sample(prompts, seeds):  # with LoRA the teacher is the student's module: count its calls here
+        before = counts["unet_forward"]
+        states = TeacherCache.sample(cache, prompts, seeds)
+        counts["unet_teacher"] += counts["unet_forward"] - before
+        return states
+
+    cache.sample = teacher_sample  # an instance attribute: `del cache.sample` restores the method
+    return counts, hooks
+
+
+def profile(models, rm, cache, step, log, run_iteration):
+    """One warm-up iteration (allocator, autotuning, lazy init), then --profile timed ones -> the profile record."""
+    cfg, cuda = models.cfg, models.device.type == "cuda"
+    log(run_iteration(step))
+    counts, hooks = count_images(models, rm, cache)
+    hits, misses, files = cache.hits, cache.misses, len(list(cache.folder.glob("*.pt")))
+    if cuda:
+        torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
+    wall = time.perf_counter()
+    records = [run_iteration(s) for s in range(step + 1, step + 1 + cfg.profile)]
+    if cuda:
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - wall
+    for handle in hooks:
+        handle.remove()
+    del cache.sample
+    for record in records:
+        log(record)
+    sec = {k: sum(r.get(f"sec_{k}", 0.0) for r in records) for k in ("teacher", "rollout", "reward", "update")}
+    sec["other"] = wall - sum(sec.values())
+    # H100 SD1.5 costs scaled by pixels and by UNet size (LoRA left out; the VAE is scaled alike, as a proxy)
+    params = sum(p.numel() for n, p in models.student.named_parameters() if "lora_" not in n)
+    floor = (cfg.resolution / 512) ** 2 * params / SD15_UNET_PARAMS * (counts["unet_forward"] * H100_SEC_FORWARD
+            + counts["unet_forward_backward"] * H100_SEC_TRAIN + counts["vae_decode"] * H100_SEC_DECODE)
+    record = dict(iter=step + 1, phase="profile", iters=cfg.profile, wall_s=wall, floor_s=floor,
+                  wall_over_floor=wall / floor, **{f"sec_{k}": v for k, v in sec.items()}, **counts,
+                  teacher_computed=cache.misses - misses, teacher_cache_hits=cache.hits - hits,
+                  teacher_files_written=len(list(cache.folder.glob("*.pt"))) - files,
+                  peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
+    log(record)
+    print(profile_table(record, sec, models.device))
+    return record
+
+
+def profile_table(r, sec, device):
+    """Markdown: seconds per phase, then images through each model, then the teacher's cache, floor and memory."""
+    twice = "none" if r["teacher_computed"] == r["teacher_files_written"] else "SOME"
+    peak = "n/a (cpu)" if r["peak_gib"] is None else f"{r['peak_gib']:.2f} GiB"
+    counts = ("unet_forward", "unet_forward_backward", "vae_decode", "reward_images")
+    return "\n".join([f"profile: {r['iters']} iterations from iteration {r['iter']} on {device}", "",
+                      "| phase | seconds | share |", "|---|---:|---:|",
+                      *(f"| {k} | {v:.3f} | {v / r['wall_s']:.0%} |" for k, v in sec.items()),
+                      f"| total (wall) | {r['wall_s']:.3f} | 100% |", "", "| images through | count |", "|---|---:|",
+                      *(f"| {k} | {r[k]} |" for k in counts), "",
+                      f"teacher outputs: {r['teacher_computed']} computed ({r['unet_teacher']} of the UNet forward "
+                      f"images), {r['teacher_cache_hits']} cache hits, {r['teacher_files_written']} new cache files: "
+                      f"{twice} computed twice",
+                      f"floor {r['floor_s']:.4g} s (H100 SD1.5 per-image costs scaled by (resolution/512)^2 and UNet "
+                      f"size: meaningful on an H100 only); wall / floor {r['wall_over_floor']:.3g}; peak GPU memory {peak}"])
+
+
+# ---------------------------------------------------------------------------------------------------
 # Checkpoints, the saved student, input checks and the loop
 # ---------------------------------------------------------------------------------------------------
 def save_checkpoint(path, step, models, optimizer, tracker, nan_state):
@@ -855,7 +942,7 @@ def check_out_dir(cfg, out):
 
 def check_resume_config(cfg, out):
     saved = json.loads((out / "config.json").read_text())
-    free = {"iters", "resume", "device", "eval_every", "ckpt_every", "teacher_batch", "max_nan_skips"}
+    free = {"iters", "resume", "device", "eval_every", "ckpt_every", "teacher_batch", "max_nan_skips", "profile"}
     changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in free and saved.get(k) != v]
     if changed:
         fail(f"--resume with different settings: {', '.join(changed)}", "resume with the values in config.json")
@@ -952,6 +1039,9 @@ def main(argv=None):
     in_main_thread = threading.current_thread() is threading.main_thread()
     old_handler = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
     try:
+        if cfg.profile:  # from where the run is; no checkpoint, no student (a later --resume drops its lines)
+            return profile(models, rm, cache, step, log, lambda s: train_iteration(
+                models, rm, weights, cache, optimizer, tracker, prompts, s, nan_state))
         if step == 0:
             evaluate_and_log(0)
         bar = tqdm(range(step, total), initial=step, total=total, desc="redif", disable=None)

@@ -350,3 +350,29 @@ def test_learning_fake_score_tracks_the_generator(prompt_file, tmp_path):
     print(f"fake loss {fake_before:.4f} -> {fake_after:.4f}; DMD grad RMS {grad_before:.4f} -> {grad_after:.4f}")
     assert fake_after < 0.97 * fake_before  # over half the learnable part above the ~1.0 floor is gone
     assert grad_before < 0.01 and grad_after > 10 * grad_before
+
+
+# ---------------------------------------------------------------------------------------------------
+# --profile
+# ---------------------------------------------------------------------------------------------------
+def test_profile_counts_evaluations_exactly(prompt_file, tmp_path, capsys):
+    """--profile 2 with K=1 (backward simulation always k=0) and DPO: every UNet, VAE and reward evaluation
+    (images) matches the closed form of one iteration; nothing is saved but the profile line."""
+    b, r, n = 2, 1, 2
+    dmdr.main(tiny_args(prompt_file, tmp_path, "dpo", 2, "--steps", "1", "--profile", str(n)))
+    per_iter = {"generator fwd+bwd": b,  # x0 of the drawn step, with grad
+                "generator fwd": r * b,  # the fake updates' backward simulation
+                "real score fwd": 2 * b,  # CFG: unconditional + conditional rows
+                "fake score fwd": b, "fake score fwd+bwd": r * b,  # DMD gradient (E8); fake-score training (E9)
+                "rl fwd": 2 * b + 2 * b,  # DPO: 2 samples per prompt (K=1), the reference's error on both
+                "rl fwd+bwd": 2 * b,  # the generator's error on both samples
+                "vae decode fwd": 2 * b, "reward fwd": 2 * b}  # ranking the two samples
+    row = read_metrics(tmp_path)[-1]
+    assert row["phase"] == "profile" and row["iters"] == n and row["peak_gib"] is None
+    assert row["evals"] == {k: n * v for k, v in per_iter.items()}
+    assert row["sec_generator"] + row["sec_fake"] + row["sec_rl"] + row["sec_other"] == pytest.approx(row["wall_s"])
+    assert row["floor_s"] > 0 and row["wall_over_floor"] == pytest.approx(row["wall_s"] / row["floor_s"])
+    table = capsys.readouterr().out
+    assert all(f"| {p} |" in table for p in ("generator", "fake", "rl", "other", "wall"))
+    assert "n/a (cpu)" in table and all(f"| {k} | {n * v} |" in table for k, v in per_iter.items())
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "metrics.jsonl"]  # no checkpoint, no generator

@@ -219,6 +219,31 @@ def test_ppo_with_full_finetune_and_gradient_checkpointing(workdir):
     assert max((student[k] - teacher[k]).abs().max().item() for k in teacher) > 1e-6
 
 
+def test_profile_counts_every_image_and_computes_no_teacher_output_twice(workdir, capsys):
+    """--profile 2 (RL, bc 0) on a fresh teacher cache, then again on the same cache: the hooks' counts equal the
+    loop's closed form, each teacher output is computed once, the second profile computes none, nothing is saved."""
+    P, G, K, T = 2, 2, 2, 10  # TINY: prompts per iteration, group, student steps, teacher steps
+    rows, cfg_factor = 2 * P * G, 2  # 2 profiled iterations of B = P G rollouts; CFG: both branches, both guidances
+    for out, cold in (("profile", True), ("profile_again", False)):  # the later --teacher-cache wins
+        r = redif.main(tiny_args(workdir, out, "--bc-iters", "0", "--profile", "2",
+                                 "--teacher-cache", str(workdir / "profile_cache")))
+        rollout, reference = rows * K * cfg_factor, rows * K * cfg_factor  # sample_student; E6 under no_grad
+        assert r["unet_forward"] == rollout + reference + r["unet_teacher"]
+        assert r["unet_forward_backward"] == rows * K * cfg_factor  # 1 inner epoch: each rollout's K steps once
+        assert r["unet_teacher"] == r["teacher_computed"] * T * cfg_factor  # one teacher trajectory per miss
+        assert r["teacher_computed"] + r["teacher_cache_hits"] == 2 * P
+        assert r["teacher_computed"] == r["teacher_files_written"] and (r["teacher_computed"] > 0) == cold
+        assert r["vae_decode"] == 2 * rows and r["reward_images"] == 2 * 2 * rows  # student + teacher; CLIP, DINO
+        assert r["wall_s"] > 0 and r["floor_s"] > 0 and r["peak_gib"] is None
+        records = read_metrics(workdir / out)
+        assert [x["phase"] for x in records] == ["rl", "rl", "rl", "profile"] and records[-1] == r
+        assert not (workdir / out / "student").exists() and not (workdir / out / "checkpoint.pt").exists()
+        table = capsys.readouterr().out
+        for row in ("teacher", "rollout", "reward", "update", "other", "total (wall)", "unet_forward_backward"):
+            assert f"| {row} |" in table, row
+        assert "none computed twice" in table and "peak GPU memory n/a (cpu)" in table
+
+
 def test_v_prediction_teachers_are_converted_to_epsilon():
     """SD2.x 768-v models predict v; guided_eps turns it into eps so the DDIM policy (E1) is unchanged."""
     from types import SimpleNamespace
