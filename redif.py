@@ -549,21 +549,27 @@ def decode(models, latents, chunk=8):
 
 
 @torch.no_grad()
-def compute_rewards(weights, models, rm, prompts, student_latents, teacher_latents):
-    """E3: R = sum_j lambda_j term_j per rollout; latents (B, 4, h, w) -> R (B,), {term: (B,)}, images or None.
+def compute_rewards(weights, models, rm, prompts, student_latents, teacher_latents, group=1):
+    """E3: R = sum_j lambda_j term_j per rollout -> R (B,), {term: (B,)}, images (student then teacher) or None.
+    student_latents (B, 4, h, w); teacher_latents (B / group, 4, h, w): one per group, since a group shares its
+    prompt and x_T, so each teacher image is decoded and embedded once, not G times.
     No gradient flows through the reward: the policy gradient only needs its value."""
     terms, images = {}, None
+
+    def student_vs_teacher(feats):  # (B + B/group, E) -> cosine of each rollout with its group's teacher (B,)
+        feats_s, feats_t = feats[:len(student_latents)], feats[len(student_latents):]
+        return (feats_s * feats_t.repeat_interleave(group, dim=0)).sum(-1), feats_s
+
     if any(weights.get(k) for k in ("clip", "dino", "clip_text")):
-        images = decode(models, torch.cat([student_latents, teacher_latents]))  # (2B, 3, H, W)
+        images = decode(models, torch.cat([student_latents, teacher_latents]))  # (B + B/group, 3, H, W)
         with models.ctx:
             if weights.get("clip") or weights.get("clip_text"):
-                feats_s, feats_t = clip_image_features(rm, images).chunk(2)
-                terms["clip"] = (feats_s * feats_t).sum(-1)
+                terms["clip"], feats_s = student_vs_teacher(clip_image_features(rm, images))
                 if weights.get("clip_text"):
                     terms["clip_text"] = (feats_s * clip_text_features(rm, prompts, models.device)).sum(-1)
             if weights.get("dino"):
-                feats_s, feats_t = dino_features(rm, images).chunk(2)
-                terms["dino"] = (feats_s * feats_t).sum(-1)
+                terms["dino"], _ = student_vs_teacher(dino_features(rm, images))
+    teacher_latents = teacher_latents.repeat_interleave(group, dim=0)
     terms["latent"] = -((student_latents - teacher_latents) ** 2).mean(dim=(1, 2, 3))  # cheap: always logged
     return sum(w * terms[k] for k, w in weights.items() if w), terms, images
 
@@ -967,8 +973,8 @@ def train_iteration(models, rm, weights, cache, optimizer, tracker, prompts, ste
         x_T = initial_noise(seeds, models.latent_size, models.device).repeat_interleave(cfg.group, dim=0)
         latents, log_probs = sample_student(models, x_T, cond, cfg.eta, dev_gen)  # (B, K+1, 4, h, w), (B, K)
         sec["rollout"], clock = time.perf_counter() - clock, time.perf_counter()
-        rewards, terms, _ = compute_rewards(weights, models, rm, rollout_prompts, latents[:, -1],
-                                            teacher[:, -1].repeat_interleave(cfg.group, dim=0))  # E3
+        rewards, terms, _ = compute_rewards(weights, models, rm, rollout_prompts, latents[:, -1], teacher[:, -1],
+                                            cfg.group)  # E3
         sec["reward"], clock = time.perf_counter() - clock, time.perf_counter()
         record.update(reward_mean=rewards.mean().item(), reward_std=rewards.std(unbiased=False).item(),
                       **{f"reward_{k}": v.mean().item() for k, v in terms.items()})

@@ -233,7 +233,8 @@ def test_profile_counts_every_image_and_computes_no_teacher_output_twice(workdir
         assert r["unet_teacher"] == r["teacher_computed"] * T * cfg_factor  # one teacher trajectory per miss
         assert r["teacher_computed"] + r["teacher_cache_hits"] == 2 * P
         assert r["teacher_computed"] == r["teacher_files_written"] and (r["teacher_computed"] > 0) == cold
-        assert r["vae_decode"] == 2 * rows and r["reward_images"] == 2 * 2 * rows  # student + teacher; CLIP, DINO
+        decoded = rows + 2 * P  # every rollout, plus one teacher image per group (a group shares its teacher)
+        assert r["vae_decode"] == decoded and r["reward_images"] == 2 * decoded  # CLIP and DINO
         assert r["wall_s"] > 0 and r["floor_s"] > 0 and r["peak_gib"] is None
         records = read_metrics(workdir / out)
         assert [x["phase"] for x in records] == ["rl", "rl", "rl", "profile"] and records[-1] == r
@@ -366,6 +367,23 @@ def test_per_prompt_stat_tracker_matches_toy():
 
 def test_offline_tokenizer_matches_sd():
     assert redif.offline_clip_tokenizer()("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_rewards_with_one_teacher_image_per_group_equal_per_rollout_rewards(workdir):
+    """E3 decodes and embeds each group's teacher image once; the rewards must equal those computed against a
+    teacher image repeated for every rollout."""
+    cfg = redif.parse_args(tiny_args(workdir, "unused"))
+    weights = redif.parse_reward("clip=1,dino=0.5,clip_text=0.1,latent=1")
+    models = redif.setup_models(cfg, redif.load_pipeline(cfg), torch.device("cpu"))
+    rm = redif.load_reward_models(cfg, weights, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(6, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    prompts = ["a photo of a cat"] * 3 + ["a red car on a road"] * 3
+    grouped, terms, _ = redif.compute_rewards(weights, models, rm, prompts, student, teacher, group=3)
+    flat, flat_terms, _ = redif.compute_rewards(weights, models, rm, prompts, student,
+                                                teacher.repeat_interleave(3, dim=0))
+    torch.testing.assert_close(grouped, flat, rtol=1e-5, atol=1e-6)
+    assert set(terms) == set(flat_terms) == {"clip", "dino", "clip_text", "latent"}
 
 
 def test_frechet_distance_of_gaussians():
