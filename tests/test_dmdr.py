@@ -376,3 +376,17 @@ def test_profile_counts_evaluations_exactly(prompt_file, tmp_path, capsys):
     assert all(f"| {p} |" in table for p in ("generator", "fake", "rl", "other", "wall"))
     assert "n/a (cpu)" in table and all(f"| {k} | {n * v} |" in table for k, v in per_iter.items())
     assert sorted(os.listdir(tmp_path)) == ["config.json", "metrics.jsonl"]  # no checkpoint, no generator
+
+
+def test_local_diffusers_folder_loads_as_the_teacher(tmp_path):
+    """The users' path (--teacher FOLDER, StableDiffusionPipeline.from_pretrained), on a tiny pipeline saved offline."""
+    from diffusers import StableDiffusionPipeline
+    unet, vae, text_encoder, tokenizer = dmdr.load_teacher("tiny")
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                            scheduler=dmdr.sd_scheduler(),
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(tmp_path / "teacher")
+    loaded = dmdr.load_teacher(str(tmp_path / "teacher"))
+    ours, saved = loaded[0].state_dict(), unet.state_dict()
+    assert set(ours) == set(saved) and all(torch.equal(ours[k], saved[k]) for k in saved)
+    assert loaded[3]("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]

@@ -386,6 +386,17 @@ def test_rewards_with_one_teacher_image_per_group_equal_per_rollout_rewards(work
     assert set(terms) == set(flat_terms) == {"clip", "dino", "clip_text", "latent"}
 
 
+def test_local_diffusers_folder_loads_as_the_teacher(tmp_path):
+    """The users' path (--teacher FOLDER, StableDiffusionPipeline.from_pretrained), on a tiny pipeline saved offline."""
+    tiny = redif.build_offline_pipeline("tiny")
+    tiny.save_pretrained(tmp_path / "teacher")
+    pipe = redif.load_pipeline(redif.parse_args(["--teacher", str(tmp_path / "teacher")]))
+    ours, saved = pipe.unet.state_dict(), tiny.unet.state_dict()
+    assert set(ours) == set(saved) and all(torch.equal(ours[k], saved[k]) for k in saved)
+    assert pipe.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+
+
 def test_frechet_distance_of_gaussians():
     g = torch.Generator().manual_seed(5)
     a = torch.randn(4000, 3, generator=g, dtype=torch.float64)
