@@ -849,7 +849,8 @@ def profile_table(r, sec, device):
                       f"images), {r['teacher_cache_hits']} cache hits, {r['teacher_files_written']} new cache files: "
                       f"{twice} computed twice",
                       f"floor {r['floor_s']:.4g} s (H100 SD1.5 per-image costs scaled by (resolution/512)^2 and UNet "
-                      f"size: meaningful on an H100 only); wall / floor {r['wall_over_floor']:.3g}; peak GPU memory {peak}"])
+                      f"size: meaningful on an H100 only); wall / floor {r['wall_over_floor']:.3g}; "
+                      f"peak GPU memory {peak}"])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -274,5 +274,5 @@ def test_bench_smoke(tmp_path):
         assert all(math.isfinite(r[k]) for k in ("align_err", "sw2", "mmd", "coverage", "reward", "train_s")), r
     assert len(claims) == 8 and all(v.split()[0] in {"REPRODUCED", "PARTLY", "NOT", "YES", "NO", "MIXED"}
                                     for _, v, _ in claims)
-    assert "## Claims" in report and (tmp_path / "table.md").exists() and (tmp_path / f"scatter_K2.png").exists()
+    assert "## Claims" in report and (tmp_path / "table.md").exists() and (tmp_path / "scatter_K2.png").exists()
     assert [r for r in rows if r["method"] == "teacher 50-step"][0]["align_err"] == 0
