@@ -3,7 +3,7 @@
 Distils an SD1.x/2.x teacher into a K-step generator (K in 1, 2, 4) from prompts alone (no images):
 the DMD gradient (E8) from a frozen real score (the teacher with CFG) and a fake score (the teacher plus a
 trainable LoRA, E9), the DMDR cold start (DynaDG E10, DynaRS E11) and an RL branch (ReFL / DPO / GRPO, E12).
-Equation tags refer to METHOD.md sections 5-6.
+Equation tags refer to docs/METHOD.md sections 5-6.
 
     python dmdr.py --teacher sd15 --steps 4                       # DMD + ReFL (RL from step 20k), CUDA
     python dmdr.py --teacher sd15 --steps 1 --rl none             # distillation only

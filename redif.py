@@ -4,7 +4,7 @@ The student is the teacher's UNet (LoRA or full fine-tune) sampled with K DDIM s
 is an episode of an MDP whose actions are DDIM steps with eta > 0 (E1, E2); its reward is how close the
 student's image is to the 50-step teacher's image from the same prompt and the same x_T (E3). A behaviour-
 cloning warm-up (E7) is followed by GRPO (E4) or DDPO-style PPO, with a clipped surrogate (E5) and a KL
-penalty to the initial student (E6). Equation tags are those of METHOD.md.
+penalty to the student as RL starts (E6). Equation tags are those of docs/METHOD.md.
 
     pip install -r requirements.txt
     python redif.py --teacher sd15 --steps 5         # SD1.5 -> 5-step student, on a CUDA GPU
