@@ -173,6 +173,26 @@ def test_alignment_rewards():
         alignment_reward(x, x, "clip")
 
 
+def test_proxy_reward_peaks_off_the_teachers_output():
+    """The lossy proxy's maximum is the teacher's point pulled toward its mode's centre, not the point itself:
+    something for RL to over-optimise. Checked on a grid around each teacher point (a property of the reward)."""
+    data = GaussianMixture()
+    x_teacher, _ = data.sample(6, generator=torch.Generator().manual_seed(0))
+    grid = torch.linspace(-0.3, 0.3, 41, dtype=DTYPE)
+    offsets = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)  # 0.015 spacing
+    candidates = x_teacher[:, None] + offsets  # (6, 1681, 2)
+    rewards = alignment_reward(candidates.reshape(-1, 2), x_teacher.repeat_interleave(len(offsets), 0), "proxy",
+                               data.means).reshape(6, -1)
+    best = candidates[torch.arange(6), rewards.argmax(1)]
+    centres = data.means[torch.cdist(x_teacher, data.means).argmin(-1)]
+    off = (x_teacher - centres).norm(dim=-1)
+    assert ((best - x_teacher).norm(dim=-1) > 0.3 * off).all()  # the teacher's own point is not the optimum
+    assert torch.allclose(best, x_teacher + 0.5 * (centres - x_teacher), atol=0.016)  # the pulled point is
+    assert (rewards.max(1).values > alignment_reward(x_teacher, x_teacher, "proxy", data.means)).all()
+    with pytest.raises(ValueError, match="prototypes"):
+        alignment_reward(x_teacher, x_teacher, "proxy")
+
+
 def test_teacher_states_lie_on_the_teacher_trajectory(data):
     labels, x_T, x0 = teacher_pairs(data, 64, 5)
     five = teacher_states(data, 64, 5, 5)  # 5 divides 50: the teacher's own run
@@ -272,7 +292,7 @@ def test_bench_smoke(tmp_path):
                        "ReDiF-PPO", "DMD (no RL)", "RL only (ReFL)", "DMDR (DMD+ReFL)", "teacher 50-step"}
     for r in rows:
         assert all(math.isfinite(r[k]) for k in ("align_err", "sw2", "mmd", "coverage", "reward", "train_s")), r
-    assert len(claims) == 8 and all(v.split()[0] in {"REPRODUCED", "PARTLY", "NOT", "YES", "NO", "MIXED"}
+    assert len(claims) == 9 and all(v.split()[0] in {"REPRODUCED", "PARTLY", "NOT", "YES", "NO", "MIXED"}
                                     for _, v, _ in claims)
     assert "## Claims" in report and (tmp_path / "table.md").exists() and (tmp_path / "scatter_K2.png").exists()
     assert [r for r in rows if r["method"] == "teacher 50-step"][0]["align_err"] == 0

@@ -2,7 +2,8 @@
 
 Prints a markdown table (alignment error with the teacher from the same (label, x_T), sliced W2 and MMD to
 exact data samples, mode coverage, the fraction of samples on the data's 99% region, the toy reward,
-training seconds), a PPO-vs-GRPO many-epochs experiment,
+training seconds), a PPO-vs-GRPO many-epochs experiment (with the E3 reward and with a lossy "proxy" reward
+whose optimum is off the teacher's output, so that there is something to over-optimise),
 and a "Claims" section that checks the papers' claims against this run's numbers. Saves table.md,
 results.json, a scatter grid and the PPO/GRPO curves in --out. Every method starts from the same cached
 `pretrain_student` and is scored on the same held-out (label, x_T) set and the same exact teacher outputs.
@@ -143,6 +144,9 @@ def train_all(data, init, cfg, log=print):
             if K == cfg.redif_k:  # the many-epochs experiment's stress setting (not in the table)
                 scfg = dataclasses.replace(rcfg, lr=cfg.stress_lr, inner_epochs=cfg.stress_inner_epochs)
                 histories[algo + "-stress", K] = train_redif(data, bc, scfg, seed=cfg.seed)[1]
+                for suffix, c in (("-proxy", rcfg), ("-proxy-stress", scfg)):  # the same, on the lossy proxy
+                    pcfg = dataclasses.replace(c, reward="proxy")
+                    histories[algo + suffix, K] = train_redif(data, bc, pcfg, seed=cfg.seed)[1]
         if K in cfg.ks:
             for name, rl, use_dmd in (("DMD (no RL)", "none", True), ("RL only (ReFL)", "refl", False),
                                       ("DMDR (DMD+ReFL)", "refl", True)):
@@ -185,6 +189,39 @@ def epochs_summary(hist):
     best = min(range(len(errs)), key=errs.__getitem__)
     jitter = sum(abs(b - a) for a, b in zip(errs, errs[1:])) / max(len(errs) - 1, 1)  # mean |change| per epoch
     return dict(first=errs[0], best=errs[best], best_iter=best, final=errs[-1], jitter=jitter)
+
+
+def proxy_summary(hist, rule=0.2):
+    """Over-optimisation of the proxy: its held-out value ends above its start while the held-out alignment
+    error ends > (1 + rule) x its best; onset = first epoch whose error exceeds (1 + rule) x the best so far."""
+    errs, proxy = [h["heldout_align_err"] for h in hist], [h["heldout_reward"] for h in hist]
+    best = [min(errs[: i + 1]) for i in range(len(errs))]
+    onset = next((i + 1 for i, (e, b) in enumerate(zip(errs, best)) if e > (1 + rule) * b), None)
+    degrade = (errs[-1] - best[-1]) / best[-1]
+    return dict(proxy_first=proxy[0], proxy_final=proxy[-1], err_first=errs[0], err_best=best[-1],
+                err_final=errs[-1], degrade=degrade, onset=onset, over=proxy[-1] > proxy[0] and degrade > rule)
+
+
+def proxy_claim(histories, cfg):
+    """PPO over-optimises more (error growth > 1.5x GRPO's) or earlier (onset >= 5 epochs before) than GRPO
+    on the lossy proxy reward, in each setting."""
+    K, verdicts, evidence = cfg.redif_k, [], []
+    for setting, suffix in (("default", "-proxy"), ("stress", "-proxy-stress")):
+        s = {a: proxy_summary(histories[a + suffix, K]) for a in ("grpo", "ppo")}
+        g, p = s["grpo"], s["ppo"]
+        earlier = p["onset"] is not None and (g["onset"] is None or p["onset"] <= g["onset"] - 5)
+        worse = p["over"] and (not g["over"] or p["degrade"] > 1.5 * g["degrade"] or earlier)
+        verdicts.append("PPO worse" if worse else ("both over-optimise" if p["over"] and g["over"] else
+                                                   "GRPO only" if g["over"] else "neither"))
+        evidence.append(f"{setting}: " + ", ".join(
+            f"{a.upper()} proxy {v['proxy_first']:.5f} -> {v['proxy_final']:.5f}, align err {v['err_first']:.4f} "
+            f"-> best {v['err_best']:.4f} -> final {v['err_final']:.4f} ({100 * v['degrade']:+.0f}% vs best, onset "
+            f"epoch {v['onset'] or '-'})" for a, v in s.items()))
+    n = verdicts.count("PPO worse")
+    verdict = "REPRODUCED" if n == 2 else "PARTLY" if n else f"NOT REPRODUCED ({' / '.join(verdicts)})"
+    return (f"... and with a lossy proxy reward (optimum off the teacher's output), PPO over-optimises more or earlier "
+            f"than GRPO over {cfg.redif_iters} epochs (K={K}; rule: proxy up, final error > 1.2x best; PPO's growth "
+            f"> 1.5x GRPO's or onset >= 5 epochs earlier)", verdict, "; ".join(evidence))
 
 
 def check_claims(rows, histories, cfg):
@@ -230,6 +267,8 @@ def check_claims(rows, histories, cfg):
                              for a, v in s.items())
         claims.append((f"GRPO stays stable where PPO over-optimises over {cfg.redif_iters} epochs (K={K}, {setting}; "
                        "rule: final > 1.2x best)", verdict, evidence))
+
+    claims.append(proxy_claim(histories, cfg))
 
     teacher = row["teacher 50-step", 50]
     tol = lambda r: 2 * math.hypot(r["reward_se"], teacher["reward_se"])  # 2 s.e. of a difference of means
@@ -280,14 +319,15 @@ def plot_scatter(data, samples, reference, cfg, path):
 
 
 def plot_curves(histories, K, path):
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for key, style in (("grpo", "C0-"), ("ppo", "C1-"), ("grpo-stress", "C0:"), ("ppo-stress", "C1:")):
-        hist = histories[key, K]
-        axes[0].plot([h["heldout_align_err"] for h in hist], style, label=key.upper())
-        axes[1].plot([h["reward_mean"] for h in hist], style, label=key.upper())
-    axes[0].set(xlabel="epoch (iteration)", ylabel="held-out alignment error", title=f"K={K}")
-    axes[1].set(xlabel="epoch (iteration)", ylabel="rollout reward (E3)")
-    axes[0].legend(fontsize=7)
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.4))
+    for row, (tag, reward) in enumerate((("", "E3 reward"), ("-proxy", "lossy proxy reward"))):
+        for key, style in (("grpo", "C0-"), ("ppo", "C1-"), ("grpo-stress", "C0:"), ("ppo-stress", "C1:")):
+            hist = histories[key.replace("-", tag + "-") if "-" in key else key + tag, K]
+            axes[row, 0].plot([h["heldout_align_err"] for h in hist], style, label=key.upper())
+            axes[row, 1].plot([h["heldout_reward"] for h in hist], style, label=key.upper())
+        axes[row, 0].set(xlabel="epoch (iteration)", ylabel="held-out alignment error", title=f"K={K}, {reward}")
+        axes[row, 1].set(xlabel="epoch (iteration)", ylabel=f"held-out {reward}")
+        axes[row, 0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -303,6 +343,17 @@ def epochs_table(histories, K):
     return "\n".join(lines)
 
 
+def proxy_epochs_table(histories, K):
+    keys = ("grpo-proxy", "ppo-proxy", "grpo-proxy-stress", "ppo-proxy-stress")
+    lines = ["| epoch | " + " | ".join(f"{k.upper()} proxy / align err" for k in keys) + " |", "|---" * 5 + "|"]
+    n = len(histories["grpo-proxy", K])
+    for i in sorted({0, *range(9, n, 10), n - 1}):
+        cells = [f"{histories[k, K][i]['heldout_reward']:.5f} / {histories[k, K][i]['heldout_align_err']:.4f}"
+                 for k in keys]
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run(cfg, out, log=print):
     """The whole benchmark; returns (rows, claims, markdown report)."""
     os.makedirs(out, exist_ok=True)
@@ -315,7 +366,9 @@ def run(cfg, out, log=print):
     rows, samples, reference = evaluate(data, samplers, cfg)
     claims = check_claims(rows, histories, cfg)
     report = [format_table(rows), "", f"## PPO vs GRPO over {cfg.redif_iters} epochs (K={cfg.redif_k}, from the same "
-              f"BC init; held-out alignment error)", "", epochs_table(histories, cfg.redif_k)]
+              f"BC init; held-out alignment error)", "", epochs_table(histories, cfg.redif_k), "",
+              "### ... with a lossy proxy reward (optimum pulled halfway to the mode's centre; held-out proxy / "
+              "alignment error)", "", proxy_epochs_table(histories, cfg.redif_k)]
     report += ["", "## Claims", ""] + [f"- **{c}**: {v}. {e}." for c, v, e in claims]
     report.append(f"\n(total {time.time() - start:.0f}s, of which pretraining {pretrain_s:.0f}s)")
     report = "\n".join(report)

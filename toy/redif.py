@@ -101,13 +101,30 @@ def semantic_embed(x, num_features=SEMANTIC_FEATURES, bandwidth=SEMANTIC_BANDWID
     return F.normalize(torch.cos(x.to(DTYPE) @ freqs + phases), dim=-1)
 
 
-def alignment_reward(x_student, x_teacher, kind="semantic"):
-    """E3: (B, 2), (B, 2) -> (B,). "semantic": cosine of the embeddings; "distance": -||x_s - x_t||."""
+PROXY_PULL = 0.5  # our choice: the proxy sees the teacher's output halfway to its mode's centre (about 2x
+#                   the K = 5 BC student's alignment error of ~0.02, so the proxy's optimum is past it)
+
+
+def alignment_reward(x_student, x_teacher, kind="semantic", prototypes=None, pull=PROXY_PULL):
+    """E3: (B, 2), (B, 2) -> (B,). "semantic": cosine of the embeddings; "distance": -||x_s - x_t||.
+
+    "proxy" (not E3: a lossy stand-in for CLIP / DINO similarity, to give the toy something to hack): the
+    cosine of the student's embedding with the embedding of a *more prototypical* version of the teacher's
+    output, x_t + pull * (c - x_t), c the nearest of `prototypes` (M, 2) (the data's mode centres), the way
+    CLIP's embedding of an image leans toward its class prototype. Its maximum is that pulled point, off the
+    teacher's output by pull * ||c - x_t||, yet from afar (a student error larger than that offset) raising it
+    moves the student toward the teacher: it correlates with alignment at the start and not at the end. (The
+    toy's K = 5 BC student is already closer than that offset, so RL from it can only trade alignment for it.)"""
     if kind == "semantic":
         return (semantic_embed(x_student) * semantic_embed(x_teacher)).sum(-1)  # E3
     if kind == "distance":
         return -(x_student - x_teacher).norm(dim=-1)  # E3
-    raise ValueError(f"reward kind must be 'semantic' or 'distance', got {kind!r}")
+    if kind == "proxy":
+        if prototypes is None:
+            raise ValueError("the proxy reward needs prototypes (M, 2), e.g. data.means")
+        centres = prototypes.to(x_teacher)[torch.cdist(x_teacher, prototypes.to(x_teacher)).argmin(-1)]
+        return (semantic_embed(x_student) * semantic_embed(x_teacher + pull * (centres - x_teacher))).sum(-1)
+    raise ValueError(f"reward kind must be 'semantic', 'distance' or 'proxy', got {kind!r}")
 
 
 def alignment_error(x_student, x_teacher):
@@ -220,7 +237,8 @@ def rollout(model, x_T, labels, timesteps, eta, generator, guidance=TEACHER_GUID
 class ToyReDiFConfig:
     steps: int = 5  # K (paper: a 5-step student of a 50-step teacher; grid 999, 799, 599, 399, 199)
     algo: str = "grpo"  # "grpo": group-normalised advantages (E4); "ppo": per-label running statistics
-    reward: str = "semantic"  # E3: "semantic" (random-feature cosine, the CLIP analogue) or "distance"
+    reward: str = "semantic"  # E3: "semantic" (random-feature cosine, the CLIP analogue) or "distance"; or
+    #                          "proxy" (lossy: its optimum is off the teacher's output, see alignment_reward)
     iters: int = 60  # sample-then-train iterations (the paper's and DDPO's "epochs")
     groups: int = 32  # (label, x_T) pairs per iteration
     group_size: int = 8  # G episodes per pair, differing only by the policy's eta-noise
@@ -266,7 +284,7 @@ def train_redif(data, student_init, cfg, seed=0):
         idx = torch.randint(cfg.pool, (cfg.groups,), generator=g).repeat_interleave(cfg.group_size)
         labels, x_T, x_teacher = pool_labels[idx], pool_x_T[idx], pool_teacher[idx]  # (B,), (B, 2), (B, 2)
         states, actions, old_log_probs = rollout(model, x_T, labels, timesteps, cfg.eta, g, cfg.guidance)
-        rewards = alignment_reward(actions[-1], x_teacher, cfg.reward)  # E3, (B,)
+        rewards = alignment_reward(actions[-1], x_teacher, cfg.reward, data.means)  # E3, (B,)
         if cfg.algo == "grpo":
             advantages = grpo_advantages(rewards.reshape(cfg.groups, cfg.group_size)).flatten()  # E4
         else:
@@ -294,5 +312,7 @@ def train_redif(data, student_init, cfg, seed=0):
         x_eval = student_sample(model, eval_x_T, eval_labels, cfg.steps, cfg.guidance)  # eta = 0 at inference
         history.append(dict(iter=it, reward_mean=rewards.mean().item(), kl=sum(kls) / len(kls),
                             clipfrac=sum(clipfracs) / len(clipfracs),
-                            heldout_align_err=alignment_error(x_eval, eval_teacher)))
+                            heldout_align_err=alignment_error(x_eval, eval_teacher),
+                            heldout_reward=alignment_reward(x_eval, eval_teacher, cfg.reward,
+                                                            data.means).mean().item()))
     return model.requires_grad_(False).eval(), history
