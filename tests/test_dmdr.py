@@ -24,15 +24,6 @@ ABLATION = {"dpo": ["--no-dynadg", "--no-dynars"]}  # the paper's cold-start abl
 STEPS = {"none": "2", "refl": "1", "dpo": "1", "grpo": "2"}  # K=1 and K=2 (backward simulation) both run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny UNets are overhead-bound: one thread is faster on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
@@ -54,7 +45,7 @@ def read_metrics(out):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, prompt_file, one_thread):
+def runs(tmp_path_factory, prompt_file):
     """One short run per --rl (shared by the tests below)."""
     outs = {}
     for rl in GENERATOR:

@@ -206,15 +206,6 @@ def test_teacher_states_lie_on_the_teacher_trajectory(data):
 # ---------------------------------------------------------------------------------------------------
 # Learning: behaviour cloning, ReDiF, PD, CD (seeded, small student, wide margins)
 # ---------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is as fast alone and far faster on a shared machine (no spin-waits)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def data():
     return GaussianMixture()
