@@ -21,9 +21,10 @@ fake_loss, rl_loss, reward, dynadg_scale, dynars_mean, sec_generator/sec_fake/se
 --eval-every), samples_NNNNNN.png (held-out prompts: generator row above teacher row), checkpoint.pt (atomic;
 --resume continues exactly; Ctrl-C finishes the iteration and checkpoints), generator/ (diffusers pipeline).
 
-Precision: on CUDA the frozen parts are bf16 under a bf16 autocast, the trainable parts (LoRAs, a full generator)
-fp32; attention is torch SDPA (diffusers' default processor); --gradient-checkpointing for the UNets and the VAE.
-These CUDA paths are written but were not run in development (CPU only); the CPU path is float32.
+Precision (--precision, default bf16 on CUDA): the frozen parts are bf16 under a bf16 autocast, the trainable
+parts (LoRAs, a full generator) and AdamW fp32; this path is tested on CPU, the CUDA kernels were not run in
+development. Attention is torch SDPA (diffusers' default processor); --gradient-checkpointing for the UNets and
+the VAE; --compile (torch.compile, channels_last).
 
 Memory layout: ONE UNet holds the teacher's weights (frozen). The fake score is a peft LoRA adapter "fake" on
 it and a LoRA generator is a second adapter "generator" on it; the real score is the same UNet with adapters
@@ -125,12 +126,17 @@ class Config:
     save_every: int = flag(500, "checkpoint every N iterations (atomic; also at the end and on Ctrl-C)")
     max_grad_norm: float = flag(10.0, "gradient clipping for both optimisers (DMD2: 10)")
     gradient_checkpointing: bool = flag(False, "recompute activations of the UNets and the VAE in backward")
+    compile: bool = flag(False, "torch.compile the UNets' forward (inductor) with channels_last weights; the first "
+                         "iterations compile a few graphs (off by default until measured on a GPU)")
     out: str = flag("runs/dmdr", "output folder")
-    device: str = flag("auto", "cuda: bf16 autocast, frozen parts bf16; cpu: float32", choices=["auto", "cuda", "cpu"])
+    device: str = flag("auto", "auto (CUDA if present), cuda or cpu", choices=["auto", "cuda", "cpu"])
+    precision: str = flag("auto", "auto: bf16 on CUDA, fp32 on CPU; bf16: frozen weights bf16 under bf16 autocast, "
+                          "trainable weights and optimisers fp32 (also runs on CPU, slowly); fp32: all float32",
+                          choices=["auto", "bf16", "fp32"])
     resume: bool = flag(False, "continue exactly from <out>/checkpoint.pt")
     seed: int = flag(0, "seed of all sampling")
-    profile: int = flag(0, "time N training iterations after 1 warm-up, print (and append to metrics.jsonl) "
-                        "seconds per phase, evaluations, floor, peak memory; then exit (no eval or saving)")
+    profile: int = flag(0, "time N training iterations after warm-up (1, 3 with --compile), print (and append to "
+                        "metrics.jsonl) seconds per phase, evaluations, floor, peak memory; then exit (no saving)")
 
 
 def parse_args(argv=None):
@@ -208,7 +214,7 @@ def validate(cfg):
         fail(f"{out} already holds a run", "pass --resume to continue it, or choose another --out")
     if cfg.resume:
         saved = json.loads((out / "config.json").read_text())
-        free = {"iters", "resume", "device", "eval_every", "save_every", "profile"}
+        free = {"iters", "resume", "device", "eval_every", "save_every", "profile", "compile", "gradient_checkpointing"}
         changed = [k for k, v in asdict(cfg).items() if k not in free and saved.get(k, v) != v]
         if changed:
             fail(f"--resume with different settings: {', '.join(changed)}", "resume with the values in config.json")
@@ -312,7 +318,7 @@ class Models:
     alphas_cumprod: torch.Tensor  # (1000,) float32
     timesteps: torch.Tensor  # (K,) the generator's grid
     device: torch.device
-    ctx: object  # () -> a fresh autocast context (bf16 on CUDA) or nullcontext (CPU, float32)
+    ctx: object  # () -> a fresh bf16 autocast context (--precision bf16, the default on CUDA) or nullcontext
     lora_generator: bool
     uncond: torch.Tensor = None  # (1, 77, D) embedding of "" for CFG
 
@@ -321,10 +327,21 @@ def lora_params(unet, adapter):
     return [p for n, p in unet.named_parameters() if f".{adapter}." in n]
 
 
+def generator_lora_config(cfg):
+    from peft import LoraConfig
+    return LoraConfig(r=cfg.generator_lora_rank, lora_alpha=cfg.generator_lora_rank,
+                      target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+
+
+def frozen_dtype(cfg, device):
+    """The one precision decision: bf16 frozen weights + bf16 autocast, or float32 throughout."""
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def build_models(cfg, device):
     from peft import LoraConfig
-    cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = frozen_dtype(cfg, device)
     unet, vae, text_encoder, tokenizer = load_teacher(cfg.teacher)
     unet.requires_grad_(False)
     gen_unet = None
@@ -335,21 +352,39 @@ def build_models(cfg, device):
     unet.add_adapter(LoraConfig(r=cfg.fake_lora_rank, lora_alpha=cfg.fake_lora_scale * cfg.fake_lora_rank,
                                 target_modules=["to_q", "to_v"], init_lora_weights=True), adapter_name="fake")
     if cfg.generator == "lora":  # B = 0 at init, so the generator starts exactly as the teacher
-        unet.add_adapter(LoraConfig(r=cfg.generator_lora_rank, lora_alpha=cfg.generator_lora_rank,
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="generator")
+        unet.add_adapter(generator_lora_config(cfg), adapter_name="generator")
         gen_unet = unet
     for p in lora_params(unet, "fake") + lora_params(unet, "generator"):
         p.data = p.data.float()  # trainable adapters stay fp32 over bf16 base weights
     if cfg.gradient_checkpointing:
         for model in (unet, gen_unet, vae):
             model.enable_gradient_checkpointing()
+    if cfg.compile:
+        compile_unets(unet, None if gen_unet is unet else gen_unet)
     vae.requires_grad_(False).to(device, dtype)
     text_encoder.requires_grad_(False).to(device, dtype)
     clip, clip_tokenizer = load_clip(cfg, device, dtype)
     return Models(unet, gen_unet, vae, text_encoder, tokenizer, clip, clip_tokenizer,
                   sd_scheduler().alphas_cumprod.float().to(device), trailing_timesteps(cfg.steps).to(device), device,
-                  functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext,
+                  functools.partial(torch.autocast, device.type, dtype=dtype) if dtype == torch.bfloat16
+                  else contextlib.nullcontext,
                   cfg.generator == "lora")
+
+
+COMPILE_BACKEND = "inductor"  # the tests trace with "eager": same guards and graphs, no code generation
+
+
+def compile_unets(*unets):
+    """--compile: channels_last weights and torch.compile of each UNet's forward, not of the module's __call__,
+    so forward hooks (--profile's counters) stay outside the graph. The adapter switches and grad mode are
+    guarded; the second DynaDG scale met makes the scale a dynamic float, the second batch size a dynamic
+    dimension: a few graphs in the first iterations, then no recompilation (tested)."""
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
+    for unet in unets:
+        if unet is not None:
+            unet.to(memory_format=torch.channels_last)
+            unet.forward = torch.compile(type(unet).forward.__get__(unet), backend=COMPILE_BACKEND)
 
 
 def use_adapter(unet, name=None, scale=1.0):
@@ -769,11 +804,15 @@ def floor_seconds(m, counts):
 
 
 def profile(m, cfg, opt_g, opt_f, step, train_prompts, metrics_path):
-    """One warm-up iteration (allocator, autotuning), then cfg.profile iterations of the loop's two updates."""
+    """Warm-up iterations (allocator, autotuning; with --compile its graphs), then cfg.profile iterations of the
+    loop's two updates."""
     def iteration(s):
         row = generator_update(m, cfg, opt_g, s, pick_prompts(train_prompts, cfg.batch_size))
         return {**row, **fake_updates(m, cfg, opt_f, s, train_prompts)}
-    iteration(step)
+    warm = 3 if cfg.compile else 1
+    for s in range(step, step + warm):
+        iteration(s)
+    step += warm - 1
     counts, sec = collections.Counter(), collections.Counter()
     hooks = [count_evaluations(counts, u, "unet") for u in {id(u): u for u in (m.unet, m.gen_unet)}.values()]
     hooks += [count_evaluations(counts, m.vae.decoder, "vae decode"),
@@ -792,7 +831,7 @@ def profile(m, cfg, opt_g, opt_f, step, train_prompts, metrics_path):
     sec["sec_other"] = wall - sum(sec.values())
     floor, ms = floor_seconds(m, counts)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    print(f"\n## dmdr --profile {cfg.profile} (after 1 warm-up iteration; no evaluation or checkpoint)\n\n"
+    print(f"\n## dmdr --profile {cfg.profile} (after {warm} warm-up iterations; no evaluation or checkpoint)\n\n"
           "| phase | seconds | share |\n|---|---:|---:|")
     for k in ("sec_generator", "sec_fake", "sec_rl", "sec_other"):  # sec_rl excludes its backward (in generator)
         print(f"| {k[4:]} | {sec[k]:.3f} | {sec[k] / wall:.0%} |")
@@ -888,21 +927,22 @@ def load_checkpoint(path, m, opt_g, opt_f):
     return state["step"]
 
 
-def save_generator(m, folder):
+def save_generator(m, cfg, folder):
     """The generator merged into a plain UNet + LCMScheduler whose K-step schedule is our trailing grid
     (original_inference_steps=1000) and whose boundary scalings are c_skip ~ 0, c_out ~ 1 (large
-    timestep_scaling), so StableDiffusionPipeline(..., num_inference_steps=K, guidance_scale=0) = sample_generator."""
+    timestep_scaling), so StableDiffusionPipeline(..., num_inference_steps=K, guidance_scale=0) = sample_generator.
+    The frozen parts are reloaded in float32: in memory they may be bf16, and rounding the teacher is lossy."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
+    unet, vae, text_encoder, tokenizer = load_teacher(cfg.teacher)
     if m.lora_generator:
-        unet = copy.deepcopy(m.unet).float()
-        use_adapter(unet, "generator")
+        unet.add_adapter(generator_lora_config(cfg), adapter_name="generator")
+        unet.load_state_dict({n: p for n, p in m.unet.state_dict().items() if ".generator." in n}, strict=False)
         unet.fuse_lora(adapter_names=["generator"])
-        unet.unload_lora()  # drops both adapters, keeps the fused generator weights
+        unet.unload_lora()
     else:
-        unet = copy.deepcopy(m.gen_unet).float()
+        unet.load_state_dict(m.gen_unet.state_dict())
     scheduler = LCMScheduler.from_config(sd_scheduler().config, original_inference_steps=1000, timestep_scaling=1e6)
-    vae, text_encoder = copy.deepcopy(m.vae).float(), copy.deepcopy(m.text_encoder).float()  # saved in float32
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=m.tokenizer, unet=unet,
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder)
@@ -962,7 +1002,7 @@ def main(argv=None):
             if stop["requested"]:
                 print(f"interrupted: checkpoint at iteration {step + 1} in {ckpt} (continue with --resume)")
                 return
-        save_generator(m, out / "generator")
+        save_generator(m, cfg, out / "generator")
         print(f"done: generator in {out / 'generator'}, metrics in {metrics_path}")
     except NonFinite as e:  # parameters are still finite (checked before every optimiser step): keep them
         save_checkpoint(ckpt, m, opt_g, opt_f, step)

@@ -17,8 +17,9 @@ The student lands in <out>/student as a stock diffusers pipeline (LoRA merged, n
     pipe = StableDiffusionPipeline.from_pretrained("runs/redif/student")  # DDIM with trailing spacing
     image = pipe("a photo of a cat", num_inference_steps=5, guidance_scale=7.5, eta=0.0).images[0]
 
-On CUDA: frozen parts in bf16, bf16 autocast, SDPA attention (diffusers' default processor on torch 2),
-optional --gradient-checkpointing. Ctrl-C finishes the current iteration, saves a checkpoint and exits;
+Precision (--precision, default bf16 on CUDA): frozen parts in bf16 under a bf16 autocast, trainable weights and
+AdamW fp32 (also runnable, and tested, on CPU); SDPA attention (diffusers' default processor on torch 2);
+optional --gradient-checkpointing and --compile. Ctrl-C finishes the current iteration, saves a checkpoint and exits;
 --resume continues exactly.
 """
 import argparse
@@ -112,11 +113,17 @@ class Config:
     teacher_cache: str = flag(None, "folder of cached teacher outputs (default <out>/teacher_cache; shareable)")
     out: str = flag("runs/redif", "output folder")
     device: str = flag("auto", "auto (CUDA if present), cuda or cpu", choices=["auto", "cuda", "cpu"])
+    precision: str = flag("auto", "auto: bf16 on CUDA, fp32 on CPU; bf16: frozen weights bf16 under bf16 autocast, "
+                          "trainable weights and optimiser fp32 (also runs on CPU, slowly); fp32: all float32",
+                          choices=["auto", "bf16", "fp32"])
     resume: bool = flag(False, "continue exactly from <out>/checkpoint.pt")
     seed: int = flag(0, "seed of everything (LoRA init, prompt and seed draws, eta-noise)")
     gradient_checkpointing: bool = flag(False, "recompute UNet activations in the backward pass (less memory)")
-    profile: int = flag(0, "profile this many iterations after one warm-up: seconds per phase, UNet evaluations, "
-                        "the H100 floor, peak memory; printed and logged, then exit without saving (0: off)")
+    compile: bool = flag(False, "torch.compile the UNets' forward (inductor) with channels_last weights; the first "
+                         "iterations compile a few graphs (off by default until measured on a GPU)")
+    profile: int = flag(0, "profile this many iterations after warm-up (1 iteration, 3 with --compile): seconds per "
+                        "phase, UNet evaluations, the H100 floor, peak memory; printed and logged, then exit without "
+                        "saving (0: off)")
 
 
 def parse_args(argv=None):
@@ -300,7 +307,7 @@ class Models:
     pipe: object  # vae, text_encoder, tokenizer; pipe.unet is the student
     teacher_unet: object  # None with LoRA: the student with its adapter disabled is the teacher
     device: torch.device
-    ctx: object  # bf16 autocast on CUDA, nullcontext on CPU
+    ctx: object  # bf16 autocast (--precision bf16, the default on CUDA) or nullcontext (fp32)
     alphas_cumprod: torch.Tensor  # (1000,) float32
     prediction_type: str
     latent_size: int
@@ -318,29 +325,52 @@ def lora_config(cfg):
                       target_modules=["to_q", "to_k", "to_v", "to_out.0"])
 
 
+def frozen_dtype(cfg, device):
+    """The one precision decision: bf16 frozen weights + bf16 autocast, or float32 throughout."""
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def setup_models(cfg, pipe, device):
-    """Move the pipeline to the device: frozen parts in bf16 on CUDA, trainable weights in float32."""
-    cuda = device.type == "cuda"
-    frozen_dtype = torch.bfloat16 if cuda else torch.float32
-    pipe.vae.to(device, frozen_dtype).requires_grad_(False).eval()
-    pipe.text_encoder.to(device, frozen_dtype).requires_grad_(False).eval()
+    """Move the pipeline to the device: frozen parts in frozen_dtype, trainable weights in float32."""
+    dtype = frozen_dtype(cfg, device)
+    pipe.vae.to(device, dtype).requires_grad_(False).eval()
+    pipe.text_encoder.to(device, dtype).requires_grad_(False).eval()
     unet, teacher_unet = pipe.unet.requires_grad_(False).eval(), None
     if cfg.finetune == "lora":  # LoRA's B starts at 0: the student starts as the teacher
-        unet.to(device, frozen_dtype)
+        unet.to(device, dtype)
         torch.manual_seed(cfg.seed)
         unet.add_adapter(lora_config(cfg))
         for p in unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
     else:
-        teacher_unet = copy.deepcopy(unet).to(device, frozen_dtype)
+        teacher_unet = copy.deepcopy(unet).to(device, dtype)
         unet.to(device, torch.float32).requires_grad_(True)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    if cfg.compile:
+        compile_unets(unet, teacher_unet)
+    ctx = torch.autocast(device.type, dtype=dtype) if dtype == torch.bfloat16 else contextlib.nullcontext()
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     return Models(cfg, pipe, teacher_unet, device, ctx, pipe.scheduler.alphas_cumprod.float().to(device),
                   pipe.scheduler.config.prediction_type, cfg.resolution // vae_scale)
+
+
+COMPILE_BACKEND = "inductor"  # the tests trace with "eager": same guards and graphs, no code generation
+
+
+def compile_unets(*unets):
+    """--compile: channels_last weights and torch.compile of each UNet's forward, not of the module's __call__,
+    so forward hooks (--profile's counters) stay outside the graph. The adapter switch (teacher / student) and
+    grad mode are guarded, each batch size met after the first makes that dimension dynamic: a few graphs in the
+    first iterations, then no recompilation (tested)."""
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
+    for unet in unets:
+        if unet is not None:
+            unet.to(memory_format=torch.channels_last)
+            unet.forward = torch.compile(type(unet).forward.__get__(unet), backend=COMPILE_BACKEND)
 
 
 @contextlib.contextmanager
@@ -418,7 +448,8 @@ class TeacherCache:
         self.levels = timesteps[:1] + prev  # the last level is the final latent
         self.hits = self.misses = 0
         self.settings = dict(teacher=teacher_source(cfg.teacher), steps=cfg.teacher_steps, levels=self.levels,
-                             guidance=cfg.teacher_guidance, resolution=cfg.resolution, device=models.device.type)
+                             guidance=cfg.teacher_guidance, resolution=cfg.resolution, device=models.device.type,
+                             dtype=str(frozen_dtype(cfg, models.device)))
 
     def path(self, prompt, seed):
         key = json.dumps(dict(self.settings, prompt=prompt, seed=int(seed)), sort_keys=True)
@@ -512,7 +543,7 @@ def load_reward_models(cfg, weights, device):
                                    Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6))
     for model in (clip, dino):
         if model is not None:
-            model.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval().requires_grad_(False)
+            model.to(device, frozen_dtype(cfg, device)).eval().requires_grad_(False)
     return RewardModels(clip, open_clip.get_tokenizer(cfg.clip_model), dino)
 
 
@@ -802,9 +833,13 @@ def count_images(models, rm, cache):
 
 
 def profile(models, rm, cache, step, log, run_iteration):
-    """One warm-up iteration (allocator, autotuning, lazy init), then --profile timed ones -> the profile record."""
+    """Warm-up iterations (allocator, autotuning, lazy init; with --compile its graphs), then --profile timed ones
+    -> the profile record."""
     cfg, cuda = models.cfg, models.device.type == "cuda"
-    log(run_iteration(step))
+    warm = 3 if cfg.compile else 1
+    for s in range(step, step + warm):
+        log(run_iteration(s))
+    step += warm - 1
     counts, hooks = count_images(models, rm, cache)
     hits, misses, files = cache.hits, cache.misses, len(list(cache.folder.glob("*.pt")))
     if cuda:
@@ -949,7 +984,8 @@ def check_out_dir(cfg, out):
 
 def check_resume_config(cfg, out):
     saved = json.loads((out / "config.json").read_text())
-    free = {"iters", "resume", "device", "eval_every", "ckpt_every", "teacher_batch", "max_nan_skips", "profile"}
+    free = {"iters", "resume", "device", "eval_every", "ckpt_every", "teacher_batch", "max_nan_skips", "profile",
+            "compile", "gradient_checkpointing"}
     changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in free and saved.get(k) != v]
     if changed:
         fail(f"--resume with different settings: {', '.join(changed)}", "resume with the values in config.json")

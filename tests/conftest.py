@@ -1,6 +1,7 @@
 import os
 import sys
 
+import pytest
 import torch
 from hypothesis import settings
 
@@ -12,3 +13,26 @@ torch.set_num_threads(1)
 # explores new ones each run.
 settings.register_profile("ci", derandomize=True, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+@pytest.fixture
+def dynamo_graphs(monkeypatch):
+    """compile_traced(script, function_name) -> a list that gets, after each call of that function, the number of
+    graphs dynamo has compiled so far; the script's --compile traces with the "eager" backend (the same guards
+    and graphs as inductor, without its code generation, which takes minutes per graph on CPU)."""
+    from torch._dynamo.utils import counters
+
+    def compile_traced(script, name):
+        monkeypatch.setattr(script, "COMPILE_BACKEND", "eager")
+        torch._dynamo.reset()
+        counters.clear()
+        graphs, real = [], getattr(script, name)
+
+        def counting(*args, **kwargs):
+            result = real(*args, **kwargs)
+            graphs.append(counters["stats"]["unique_graphs"])
+            return result
+        monkeypatch.setattr(script, name, counting)
+        return graphs
+    yield compile_traced
+    torch._dynamo.reset()

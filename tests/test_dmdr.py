@@ -381,3 +381,91 @@ def test_local_diffusers_folder_loads_as_the_teacher(tmp_path):
     ours, saved = loaded[0].state_dict(), unet.state_dict()
     assert set(ours) == set(saved) and all(torch.equal(ours[k], saved[k]) for k in saved)
     assert loaded[3]("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_bf16_precision_keeps_trainables_fp32_tracks_fp32_and_saves_fp32_weights(prompt_file, tmp_path):
+    """--precision bf16 is the CUDA path (frozen base, VAE, text encoder and CLIP bf16 under bf16 autocast; LoRAs
+    fp32); it also runs on CPU, so its dtype handling is tested here: the scores and the DMD + ReFL gradient
+    (through gradient checkpointing, the VAE decoder and CLIP) agree with float32's, and the saved pipeline holds
+    the teacher's float32 weights, not their bf16 rounding."""
+    from diffusers import StableDiffusionPipeline
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for precision in ("fp32", "bf16"):
+        extra = ["--precision", precision] + ["--gradient-checkpointing"] * (precision == "bf16")
+        cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path / precision, "refl", 1, "--generator", "lora", *extra))
+        m = dmdr.build_models(cfg, torch.device("cpu"))
+        m.uncond = dmdr.encode_prompts(m, [""])
+        trainable = dmdr.lora_params(m.unet, "generator") + dmdr.lora_params(m.unet, "fake")
+        frozen = [p for n, p in m.unet.named_parameters() if "lora_" not in n]
+        frozen += [*m.vae.parameters(), *m.text_encoder.parameters(), *m.clip.parameters()]
+        assert {p.dtype for p in frozen} == {torch.bfloat16 if precision == "bf16" else torch.float32}
+        assert {p.dtype for p in trainable} == {torch.float32}
+        with torch.no_grad():  # a trained fake score: at init, real - fake on the random teacher is 2e-4 of
+            for n, p in m.unet.named_parameters():  # real, below bf16's resolution (see the README)
+                if ".fake." in n and "lora_B" in n:
+                    p.copy_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+        emb, t = dmdr.encode_prompts(m, PROMPTS[:2]), torch.tensor([999, 999])
+        x0 = dmdr.generator_x0(m, x, t[0], emb)
+        with torch.no_grad():
+            x_t = dmdr.add_noise(x0.detach(), noise, m.alphas_cumprod[t - 300])
+            x0_real = dmdr.real_x0(m, x_t, t - 300, emb, m.uncond, 1.75)
+            x0_fake = dmdr.fake_x0(m, x_t, t - 300, emb)
+        loss = dmdr.dmd_loss(x0, x0_real, x0_fake) + 0.05 * dmdr.refl_loss(m, cfg, x0, PROMPTS[:2])[0]
+        dmdr.use_adapter(m.unet, "generator")
+        loss.backward()
+        grad = torch.cat([p.grad.flatten() for p in dmdr.lora_params(m.unet, "generator")])
+        assert grad.dtype == torch.float32 and grad.norm() > 0
+        out[precision] = x0_real, x0_fake, grad
+        if precision == "bf16":
+            with torch.no_grad():  # move the generator LoRA so that the export has something to merge
+                for p in dmdr.lora_params(m.unet, "generator"):
+                    p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+            dmdr.save_generator(m, cfg, tmp_path / "generator")
+    for x32, x16 in zip(out["fp32"][:2], out["bf16"][:2]):
+        assert (x16 - x32).norm() / x32.norm() < 0.03  # bf16 rounding, not a dtype bug (which gives O(1) errors)
+    cos = torch.nn.functional.cosine_similarity(out["fp32"][2], out["bf16"][2], dim=0)
+    print(f"cosine of the bf16 and fp32 generator gradients: {cos:.4f}")
+    assert cos > 0.95
+    saved = StableDiffusionPipeline.from_pretrained(tmp_path / "generator")
+    unet, vae, text_encoder, _ = dmdr.load_teacher("tiny")
+    for ours, theirs in ((saved.vae, vae), (saved.text_encoder, text_encoder)):
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys() and all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a)
+    a, b = saved.unet.state_dict(), unet.state_dict()
+    lora_targets = {k for k in a if any(f".{n}." in k for n in ("to_q", "to_k", "to_v", "to_out"))}
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k not in lora_targets)
+    assert all(not torch.equal(a[k], b[k]) for k in lora_targets if k.endswith("weight"))  # the merged LoRA
+
+
+@pytest.mark.parametrize("rl", ["dpo", "grpo"])
+def test_bf16_end_to_end_keeps_fp32_state(rl, prompt_file, tmp_path):
+    """The other RL branches under --precision bf16 (log-probs of a bf16-autocast step, DPO's reference errors):
+    finite losses, and the checkpoint holds fp32 trainables and optimiser states (what --resume continues)."""
+    dmdr.main(tiny_args(prompt_file, tmp_path, rl, 1, "--steps", "2", "--precision", "bf16"))
+    row = read_metrics(tmp_path)[-1]
+    assert all(math.isfinite(row[k]) for k in ("dmd_loss", "fake_loss", "rl_loss", "eval_reward"))
+    assert -1 <= row["reward"] <= 1 and row["dmd_loss"] > 0
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    tensors = [*ckpt["generator"].values(), *ckpt["fake"].values()]
+    tensors += [v for opt in ("opt_g", "opt_f") for s in ckpt[opt]["state"].values() for v in s.values()
+                if v.dim() > 0]
+    assert tensors and {v.dtype for v in tensors} == {torch.float32}
+
+
+def test_compile_gives_the_same_run_and_stops_recompiling(prompt_file, tmp_path, dynamo_graphs):
+    """--compile (traced with dynamo's "eager" backend, see conftest.py) repeats the uncompiled run's metrics,
+    and once the first evaluation has run no new graph is compiled, although the DynaDG scale changes every
+    iteration."""
+    args = ("refl", 4, "--generator", "lora", "--eval-every", "2")
+    dmdr.main(tiny_args(prompt_file, tmp_path / "eager", *args))
+    graphs = dynamo_graphs(dmdr, "fake_updates")
+    dmdr.main(tiny_args(prompt_file, tmp_path / "compiled", *args, "--compile"))
+    assert 0 < graphs[2] == graphs[3]  # graphs[i]: after iteration i+1's updates, before its evaluation
+    assert len({r["dynadg_scale"] for r in read_metrics(tmp_path / "compiled")}) == 4
+    for ours, theirs in zip(read_metrics(tmp_path / "compiled"), read_metrics(tmp_path / "eager"), strict=True):
+        assert ours.keys() == theirs.keys()
+        for key in ours.keys() - {k for k in ours if k.startswith("sec_")}:
+            # channels_last reorders the convolutions' sums: equal up to float rounding
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-3, abs=1e-6), key

@@ -219,6 +219,75 @@ def test_ppo_with_full_finetune_and_gradient_checkpointing(workdir):
     assert max((student[k] - teacher[k]).abs().max().item() for k in teacher) > 1e-6
 
 
+def test_bf16_precision_keeps_trainables_fp32_and_tracks_fp32(tmp_path):
+    """--precision bf16 is the CUDA path (frozen weights bf16 under bf16 autocast, LoRA and AdamW fp32); it also
+    runs on CPU, so its dtype handling is tested here: the teacher's trajectory and the BC gradient through
+    gradient checkpointing agree with float32's, and the cache keeps the two precisions apart."""
+    prompts, seeds, out = ["a photo of a cat", "a red car on a road"], [1, 2], {}
+    for precision in ("fp32", "bf16"):
+        checkpointing = ["--gradient-checkpointing"] * (precision == "bf16")
+        cfg = redif.parse_args(TINY + ["--precision", precision] + checkpointing)
+        cfg.resolution = 32
+        m = redif.setup_models(cfg, redif.load_pipeline(cfg), torch.device("cpu"))
+        trainable = {n: p for n, p in m.student.named_parameters() if p.requires_grad}
+        frozen_dtypes = {p.dtype for p in m.student.parameters() if not p.requires_grad}
+        frozen_dtypes |= {p.dtype for part in (m.pipe.vae, m.pipe.text_encoder) for p in part.parameters()}
+        assert frozen_dtypes == {torch.bfloat16 if precision == "bf16" else torch.float32}
+        assert trainable and {p.dtype for p in trainable.values()} == {torch.float32}
+        cache = redif.TeacherCache(tmp_path / "cache", m)
+        states = cache.get(prompts, seeds)
+        assert cache.misses == 2  # the other precision's outputs are not reused
+        cond = redif.encode_prompts(m, prompts)
+        m.student.train()
+        t, t_prev = redif.sampler_grid(cfg.steps)[0][0], redif.sampler_grid(cfg.steps)[1][0]
+        mean = redif.policy_step(m, m.student, states[:, 0], t, t_prev, cond, 0.0)[2]
+        redif.bc_loss(mean, states[:, 1]).backward()
+        grad = torch.cat([p.grad.flatten() for p in trainable.values()])
+        assert grad.dtype == torch.float32 and grad.norm() > 0
+        out[precision] = states, grad
+    (s32, g32), (s16, g16) = out["fp32"], out["bf16"]
+    rel = ((s16 - s32).flatten(2).norm(dim=2) / s32.flatten(2).norm(dim=2))[:, 1:]
+    assert rel.max() < 0.03  # bf16 rounding, not a dtype bug (which gives O(1) errors)
+    assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.98
+
+
+def test_bf16_end_to_end_keeps_fp32_state_and_saves_the_fp32_teacher(workdir):
+    """BC + RL under --precision bf16 with every reward: finite metrics; the checkpoint holds fp32 trainables and
+    optimiser state; the saved student's frozen weights are the teacher's float32 ones, not their bf16 rounding."""
+    from diffusers import StableDiffusionPipeline
+    out = workdir / "bf16"
+    redif.main(tiny_args(workdir, "bf16", "--precision", "bf16", "--bc-iters", "1", "--iters", "1", "--eval-every", "0",
+                         "--reward", "clip=1,dino=0.5,clip_text=0.1,latent=1"))
+    rl = [r for r in read_metrics(out) if r["phase"] == "rl"][0]
+    assert all(rl[k] is not None and rl[k] == rl[k] for k in ("reward_mean", "loss", "kl", "approx_kl"))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    tensors = [*ckpt["trainable"].values(), *ckpt["reference"].values()]
+    tensors += [v for state in ckpt["optimizer"]["state"].values() for v in state.values() if v.dim() > 0]
+    assert {v.dtype for v in tensors} == {torch.float32}
+    saved = StableDiffusionPipeline.from_pretrained(out / "student")
+    teacher = redif.load_pipeline(redif.Config(**json.loads((out / "config.json").read_text())))
+    for name in ("vae", "text_encoder", "unet"):
+        a, b = getattr(saved, name).state_dict(), getattr(teacher, name).state_dict()
+        targets = ("to_q", "to_k", "to_v", "to_out")
+        lora_targets = {k for k in a if name == "unet" and any(f".{n}." in k for n in targets)}
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k not in lora_targets), name
+
+
+def test_compile_gives_the_same_run_and_stops_recompiling(full_run, workdir, dynamo_graphs):
+    """--compile (traced with dynamo's "eager" backend, see conftest.py) repeats the uncompiled run's metrics,
+    and after the first RL iteration no new graph is compiled: adapter switches, the reference swap and batch
+    sizes are all guarded."""
+    graphs = dynamo_graphs(redif, "train_iteration")
+    redif.main(tiny_args(workdir, "compiled", *RUN_FLAGS, "--compile"))
+    assert 0 < graphs[1] == graphs[-1] and len(graphs) == 4  # BC, RL 1, RL 2, RL 3
+    for ours, theirs in zip(stable(read_metrics(workdir / "compiled")), stable(read_metrics(full_run)), strict=True):
+        assert ours.keys() == theirs.keys()
+        for key, value in ours.items():  # channels_last reorders the convolutions' sums: equal to float rounding
+            if key == "clipfrac":  # a count of |ratio - 1| > 1e-4: rounding may tip one rollout over the edge
+                continue
+            assert value == pytest.approx(theirs[key], rel=1e-3, abs=1e-5), key
+
+
 def test_profile_counts_every_image_and_computes_no_teacher_output_twice(workdir, capsys):
     """--profile 2 (RL, bc 0) on a fresh teacher cache, then again on the same cache: the hooks' counts equal the
     loop's closed form, each teacher output is computed once, the second profile computes none, nothing is saved."""
