@@ -58,7 +58,7 @@ from tqdm import tqdm
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SUPPORTED_STEPS = (1, 2, 4)  # our choice: trailing grids that divide 1000
 TEACHER_ALIASES = ("sd15", "tiny", "sd15-random")
-REWARD_TERMS = ("clip_text",)  # image-free rewards of the generator's image and its prompt
+REWARD_TERMS = ("clip_text", "aesthetic")  # image-free rewards of the generator's image (and its prompt)
 DEFAULT_PROMPTS = [
     "a photo of a cat sitting on a windowsill", "a red vintage car parked on a cobblestone street",
     "an astronaut riding a horse on the moon", "a bowl of ramen with a soft boiled egg",
@@ -106,11 +106,14 @@ class Config:
                    choices=["none", "refl", "dpo", "grpo"])
     rl_weight: float = flag(None, "lambda_rl in L = L_dmd + lambda_rl L_rl (default 0.05, official demo); needs --rl")
     rl_start: int = flag(20000, "generator step at which the RL branch starts (cold start; official demo 20k)")
-    reward: str = flag("clip_text=1", "reward terms name=weight,...; clip_text: open_clip text-image cosine")
+    reward: str = flag("clip_text=1", "reward terms name=weight,...; clip_text: open_clip text-image cosine; "
+                       "aesthetic: LAION's aesthetic predictor (~1-10: a weight ~0.05 puts it on clip_text's scale)")
     reward_weights: str = flag(None, "reward model weights (default: random for tiny/sd15-random, else pretrained)",
                                choices=["pretrained", "random"])
     clip_model: str = flag("ViT-H-14", "open_clip architecture of the reward and the eval features")
     clip_pretrained: str = flag("laion2b_s32b_b79k", "open_clip pretrained tag")
+    aesthetic_model: str = flag("trl-lib/ddpo-aesthetic-predictor", "the aesthetic reward's MLP head (on open_clip "
+                                "ViT-L-14/openai embeddings, as DDPO): a hub repo with aesthetic-model.pth, or a .pth")
     dpo_beta: float = flag(5000.0, "Diffusion-DPO beta (Diffusion-DPO on SD1.5: 5000)")
     grpo_group: int = flag(4, "GRPO group size G per prompt (E4)")
     grpo_eta: float = flag(1.0, "eta of the stochastic last generator step for GRPO (E1)")
@@ -315,6 +318,7 @@ class Models:
     tokenizer: object
     clip: torch.nn.Module  # open_clip model: the reward and the eval features
     clip_tokenizer: object
+    aesthetic: tuple  # (open_clip ViT-L-14, MLP head) of the aesthetic reward, or None when unweighted
     alphas_cumprod: torch.Tensor  # (1000,) float32
     timesteps: torch.Tensor  # (K,) the generator's grid
     device: torch.device
@@ -364,7 +368,8 @@ def build_models(cfg, device):
     vae.requires_grad_(False).to(device, dtype)
     text_encoder.requires_grad_(False).to(device, dtype)
     clip, clip_tokenizer = load_clip(cfg, device, dtype)
-    return Models(unet, gen_unet, vae, text_encoder, tokenizer, clip, clip_tokenizer,
+    aesthetic = load_aesthetic(cfg, device, dtype) if parse_reward(cfg.reward).get("aesthetic") else None
+    return Models(unet, gen_unet, vae, text_encoder, tokenizer, clip, clip_tokenizer, aesthetic,
                   sd_scheduler().alphas_cumprod.float().to(device), trailing_timesteps(cfg.steps).to(device), device,
                   functools.partial(torch.autocast, device.type, dtype=dtype) if dtype == torch.bfloat16
                   else contextlib.nullcontext,
@@ -586,34 +591,77 @@ def decode(m, latents):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Rewards: CLIP text-image score (open_clip), differentiable (resize and normalise in torch)
+# Rewards: CLIP text-image score and LAION aesthetic score (open_clip), differentiable (resize and
+# normalise in torch)
 # ---------------------------------------------------------------------------------------------------
-def load_clip(cfg, device, dtype):
-    import open_clip
+def reward_pretrained(cfg):
     offline = cfg.teacher in ("tiny", "sd15-random")
-    pretrained = (cfg.reward_weights or ("random" if offline else "pretrained")) == "pretrained"
+    return (cfg.reward_weights or ("random" if offline else "pretrained")) == "pretrained"
+
+
+def create_clip(cfg, arch, tag):
+    """An open_clip model: `arch` with `tag`'s weights, random with --reward-weights random, tiny for tiny."""
+    import open_clip
     torch.manual_seed(0)
-    if cfg.teacher == "tiny" and not pretrained:  # a tiny random CLIP for 32 px images (as redif.py's)
-        model = open_clip.model.CLIP(embed_dim=32, vision_cfg=open_clip.model.CLIPVisionCfg(
+    if cfg.teacher == "tiny" and not reward_pretrained(cfg):  # a tiny random CLIP for 32 px images (as redif.py's)
+        return open_clip.model.CLIP(embed_dim=32, vision_cfg=open_clip.model.CLIPVisionCfg(
             layers=2, width=32, head_width=16, patch_size=8, image_size=32),
             text_cfg=open_clip.model.CLIPTextCfg(width=32, heads=2, layers=2))
-    else:
-        try:
-            model = open_clip.create_model(cfg.clip_model, pretrained=cfg.clip_pretrained if pretrained else None)
-        except Exception as e:  # noqa: BLE001 - offline, unknown tag ...
-            fail(f"could not load reward model {cfg.clip_model}/{cfg.clip_pretrained}: {str(e).splitlines()[0][:200]}",
-                 "check the network, or --reward-weights random")
+    try:
+        return open_clip.create_model(arch, pretrained=tag if reward_pretrained(cfg) else None)
+    except Exception as e:  # noqa: BLE001 - offline, unknown tag ...
+        fail(f"could not load reward model {arch}/{tag}: {str(e).splitlines()[0][:200]}",
+             "check the network, or --reward-weights random")
+
+
+def load_clip(cfg, device, dtype):
+    import open_clip
+    model = create_clip(cfg, cfg.clip_model, cfg.clip_pretrained)
     return model.requires_grad_(False).eval().to(device, dtype), open_clip.get_tokenizer(cfg.clip_model)
 
 
-def clip_features(m, images):
-    """images (B, 3, H, W) in [-1, 1] -> unit CLIP image embeddings (B, E)."""
+def aesthetic_head(dim):
+    """LAION's improved aesthetic predictor: a linear stack (no activations, as it was trained) on unit CLIP
+    ViT-L/14 image embeddings -> a score of about 1-10."""
+    nn = torch.nn
+    return nn.Sequential(nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                         nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+
+
+def load_aesthetic(cfg, device, dtype):
+    clip = create_clip(cfg, "ViT-L-14", "openai")
+    head = aesthetic_head(clip.visual.output_dim)
+    if reward_pretrained(cfg):
+        path = cfg.aesthetic_model
+        try:
+            if not os.path.isfile(path):
+                from huggingface_hub import hf_hub_download
+                path = hf_hub_download(cfg.aesthetic_model, "aesthetic-model.pth")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            head.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
+        except Exception as e:  # noqa: BLE001 - offline, not the predictor's checkpoint ...
+            fail(f"could not load the aesthetic head '{cfg.aesthetic_model}': {str(e).splitlines()[0][:200]}",
+                 "pass --aesthetic-model FILE.pth, or --reward-weights random")
+    return tuple(model.requires_grad_(False).eval().to(device, dtype) for model in (clip, head))
+
+
+def clip_features(m, images, clip=None):
+    """images (B, 3, H, W) in [-1, 1] -> unit CLIP image embeddings (B, E) of `clip` (default: m.clip)."""
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-    size = m.clip.visual.image_size
+    clip = m.clip if clip is None else clip
+    size = clip.visual.image_size
     x = F.interpolate((images + 1) / 2, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
     mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
     with m.ctx():
-        return F.normalize(m.clip.encode_image((x - mean) / std).float(), dim=-1)
+        return F.normalize(clip.encode_image((x - mean) / std).float(), dim=-1)
+
+
+def aesthetic_score(m, images):
+    """LAION aesthetic score (B,)."""
+    clip, head = m.aesthetic
+    feats = clip_features(m, images, clip)
+    with m.ctx():
+        return head(feats).float().squeeze(-1)
 
 
 def clip_score(m, images, prompts):
@@ -624,8 +672,10 @@ def clip_score(m, images, prompts):
 
 
 def reward_fn(m, cfg, images, prompts):
-    """R = sum_j w_j R_j over --reward terms (so far the CLIP text-image score `clip_text`) -> (B,)."""
-    return parse_reward(cfg.reward)["clip_text"] * clip_score(m, images, prompts)
+    """R = sum_j w_j R_j over the --reward terms -> (B,)."""
+    weights = parse_reward(cfg.reward)
+    terms = {"clip_text": lambda: clip_score(m, images, prompts), "aesthetic": lambda: aesthetic_score(m, images)}
+    return sum(w * terms[name]() for name, w in weights.items() if w)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -817,6 +867,8 @@ def profile(m, cfg, opt_g, opt_f, step, train_prompts, metrics_path):
     hooks = [count_evaluations(counts, u, "unet") for u in {id(u): u for u in (m.unet, m.gen_unet)}.values()]
     hooks += [count_evaluations(counts, m.vae.decoder, "vae decode"),
               count_evaluations(counts, m.clip.visual, "reward")]
+    if m.aesthetic is not None:
+        hooks.append(count_evaluations(counts, m.aesthetic[0].visual, "reward"))
     cuda = m.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
@@ -886,7 +938,9 @@ def evaluate(m, cfg, eval_prompts, cache, it, out):
     return {"eval_reward": reward_fn(m, cfg, img_gen, eval_prompts).mean().item(),
             "eval_clip_generator": clip_score(m, img_gen, eval_prompts).mean().item(),
             "eval_clip_teacher": clip_score(m, img_teacher, eval_prompts).mean().item(),
-            "eval_fd_clip": frechet_distance(clip_features(m, img_gen), clip_features(m, img_teacher))}
+            "eval_fd_clip": frechet_distance(clip_features(m, img_gen), clip_features(m, img_teacher)),
+            **({"eval_aesthetic_generator": aesthetic_score(m, img_gen).mean().item(),
+                "eval_aesthetic_teacher": aesthetic_score(m, img_teacher).mean().item()} if m.aesthetic else {})}
 
 
 # ---------------------------------------------------------------------------------------------------

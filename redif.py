@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 TEACHER_ALIASES = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "tiny": None, "sd15-random": None}
 OFFLINE_ALIASES = ("tiny", "sd15-random")  # built from config with random weights, no download
-REWARD_TERMS = ("clip", "dino", "clip_text", "latent")
+REWARD_TERMS = ("clip", "dino", "clip_text", "aesthetic", "latent")
 EVAL_SEED_BASE = 1_000_000_000  # held-out x_T seeds; training draws its seeds below --seed-pool
 DEFAULT_PROMPTS = [
     "a photo of a cat sitting on a windowsill", "a red sports car on a mountain road",
@@ -81,12 +81,15 @@ class Config:
     group: int = flag(4, "G, rollouts per (prompt, x_T), differing only in eta-noise (GRPO: >= 2; our choice 4)")
     prompts_per_iter: int = flag(8, "(prompt, x_T) pairs per iteration (an RL iteration: prompts_per_iter*G rollouts)")
     reward: str = flag("clip=1,dino=0.5", "E3 weights: clip (CLIP image-image cos), dino (DINOv2 image-image cos), "
-                       "clip_text (CLIP text-image cos of the student image), latent (-MSE to the teacher's latent)")
+                       "clip_text (CLIP text-image cos of the student image), aesthetic (LAION aesthetic score of the "
+                       "student image, ~1-10), latent (-MSE to the teacher's latent)")
     reward_weights: str = flag(None, "reward models: 'pretrained' (default for real teachers) or 'random' (default "
                                "for tiny / sd15-random)", choices=["pretrained", "random"])
     clip_model: str = flag("ViT-H-14", "open_clip architecture of the CLIP reward and of the evaluation")
     clip_pretrained: str = flag("laion2b_s32b_b79k", "open_clip pretrained tag")
     dino_model: str = flag("facebook/dinov2-small", "transformers DINOv2 model of the dino reward")
+    aesthetic_model: str = flag("trl-lib/ddpo-aesthetic-predictor", "the aesthetic reward's MLP head (on open_clip "
+                                "ViT-L-14/openai embeddings, as DDPO): a hub repo with aesthetic-model.pth, or a .pth")
     prompts: str = flag(None, "text file, one prompt a line (default: 12 built-in prompts); no images needed")
     seed_pool: int = flag(32, "x_T seeds per prompt for training, so teacher outputs are reused (our choice)")
     iters: int = flag(100, "RL iterations (sample, reward, update) after the BC warm-up")
@@ -518,6 +521,15 @@ class RewardModels:
     clip: object  # open_clip CLIP: image-image reward (E3), text-image score, the evaluation's feature space
     clip_tokenize: object
     dino: object  # transformers Dinov2Model, None when unused
+    aesthetic: tuple = None  # (open_clip ViT-L-14, MLP head) of the aesthetic reward, None when unused
+
+
+def aesthetic_head(dim):
+    """LAION's improved aesthetic predictor: a linear stack (no activations, as it was trained) on unit CLIP
+    ViT-L/14 image embeddings -> a score of about 1-10."""
+    nn = torch.nn
+    return nn.Sequential(nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                         nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
 
 
 def load_reward_models(cfg, weights, device):
@@ -525,26 +537,45 @@ def load_reward_models(cfg, weights, device):
     from transformers import Dinov2Config, Dinov2Model
     pretrained = (cfg.reward_weights or ("random" if cfg.teacher in OFFLINE_ALIASES else "pretrained")) == "pretrained"
     tiny = cfg.teacher == "tiny" and not pretrained  # tiny configs: seconds on CPU
-    with torch.random.fork_rng(devices=[]):
+
+    def create_clip(arch, tag):
         torch.manual_seed(0)
         if tiny:
             vision = open_clip.model.CLIPVisionCfg(layers=2, width=32, head_width=16, patch_size=8, image_size=32)
-            clip = open_clip.model.CLIP(32, vision, open_clip.model.CLIPTextCfg(width=32, heads=2, layers=2))
-        else:
-            clip = open_clip.create_model(cfg.clip_model, pretrained=cfg.clip_pretrained if pretrained else None)
-        dino = None
-        if weights.get("dino"):
-            torch.manual_seed(0)
-            if pretrained:
-                dino = Dinov2Model.from_pretrained(cfg.dino_model)
-            else:  # tiny, or dinov2-small's shapes
-                dino = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                                                image_size=32, patch_size=8) if tiny else
-                                   Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6))
-    for model in (clip, dino):
+            return open_clip.model.CLIP(32, vision, open_clip.model.CLIPTextCfg(width=32, heads=2, layers=2))
+        return open_clip.create_model(arch, pretrained=tag if pretrained else None)
+
+    with torch.random.fork_rng(devices=[]):
+        name = f"{cfg.clip_model}/{cfg.clip_pretrained}"
+        try:
+            clip, dino, aesthetic = create_clip(cfg.clip_model, cfg.clip_pretrained), None, None
+            if weights.get("dino"):
+                torch.manual_seed(0)
+                name = cfg.dino_model
+                if pretrained:
+                    dino = Dinov2Model.from_pretrained(cfg.dino_model)
+                else:  # tiny, or dinov2-small's shapes
+                    dino = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                    mlp_ratio=2, image_size=32, patch_size=8) if tiny else
+                                       Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6))
+            if weights.get("aesthetic"):
+                name = "ViT-L-14/openai"
+                clip_l = create_clip("ViT-L-14", "openai")
+                aesthetic = clip_l, aesthetic_head(clip_l.visual.output_dim)
+                if pretrained:
+                    name, path = cfg.aesthetic_model, cfg.aesthetic_model
+                    if not os.path.isfile(path):
+                        from huggingface_hub import hf_hub_download
+                        path = hf_hub_download(cfg.aesthetic_model, "aesthetic-model.pth")
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+                    aesthetic[1].load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
+        except Exception as e:  # noqa: BLE001 - offline, unknown tag, not the predictor's checkpoint ...
+            fail(f"could not load reward model {name}: {str(e).splitlines()[0][:200]}",
+                 "check the network or the name, or --reward-weights random")
+    for model in (clip, dino, *(aesthetic or ())):
         if model is not None:
             model.to(device, frozen_dtype(cfg, device)).eval().requires_grad_(False)
-    return RewardModels(clip, open_clip.get_tokenizer(cfg.clip_model), dino)
+    return RewardModels(clip, open_clip.get_tokenizer(cfg.clip_model), dino, aesthetic)
 
 
 def _prepare(images, size, mean, std):
@@ -553,11 +584,18 @@ def _prepare(images, size, mean, std):
     return (x - x.new_tensor(mean).view(1, 3, 1, 1)) / x.new_tensor(std).view(1, 3, 1, 1)
 
 
-def clip_image_features(rm, images):
+def clip_image_features(rm, images, clip=None):
+    """Unit image embeddings (B, E) of `clip` (default: the reward's CLIP)."""
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-    size = rm.clip.visual.image_size
+    clip = rm.clip if clip is None else clip
+    size = clip.visual.image_size
     x = _prepare(images, size[0] if isinstance(size, (tuple, list)) else size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
-    return F.normalize(rm.clip.encode_image(x.to(next(rm.clip.parameters()).dtype)).float(), dim=-1)
+    return F.normalize(clip.encode_image(x.to(next(clip.parameters()).dtype)).float(), dim=-1)
+
+
+def aesthetic_score(rm, images):
+    clip, head = rm.aesthetic
+    return head(clip_image_features(rm, images, clip).to(head[0].weight.dtype)).float().squeeze(-1)
 
 
 def clip_text_features(rm, prompts, device):
@@ -591,7 +629,7 @@ def compute_rewards(weights, models, rm, prompts, student_latents, teacher_laten
         feats_s, feats_t = feats[:len(student_latents)], feats[len(student_latents):]
         return (feats_s * feats_t.repeat_interleave(group, dim=0)).sum(-1), feats_s
 
-    if any(weights.get(k) for k in ("clip", "dino", "clip_text")):
+    if any(weights.get(k) for k in ("clip", "dino", "clip_text", "aesthetic")):
         images = decode(models, torch.cat([student_latents, teacher_latents]))  # (B + B/group, 3, H, W)
         with models.ctx:
             if weights.get("clip") or weights.get("clip_text"):
@@ -600,6 +638,8 @@ def compute_rewards(weights, models, rm, prompts, student_latents, teacher_laten
                     terms["clip_text"] = (feats_s * clip_text_features(rm, prompts, models.device)).sum(-1)
             if weights.get("dino"):
                 terms["dino"], _ = student_vs_teacher(dino_features(rm, images))
+            if weights.get("aesthetic"):
+                terms["aesthetic"] = aesthetic_score(rm, images[:len(student_latents)])
     teacher_latents = teacher_latents.repeat_interleave(group, dim=0)
     terms["latent"] = -((student_latents - teacher_latents) ** 2).mean(dim=(1, 2, 3))  # cheap: always logged
     return sum(w * terms[k] for k, w in weights.items() if w), terms, images
@@ -785,6 +825,10 @@ def evaluate(models, rm, weights, cache, prompts, grid_path):
                    eval_fd_clip=frechet_distance(feats_s, feats_t))
     if "dino" in terms:
         metrics["eval_dino"] = terms["dino"].mean().item()
+    if "aesthetic" in terms:
+        with models.ctx:
+            metrics.update(eval_aesthetic_student=terms["aesthetic"].mean().item(),
+                           eval_aesthetic_teacher=aesthetic_score(rm, images[len(student):]).mean().item())
     return metrics
 
 
@@ -819,7 +863,8 @@ def count_images(models, rm, cache):
         return hook
 
     modules = [(models.student, "unet_forward"), (models.teacher_unet, "unet_forward"),
-               (models.pipe.vae.decoder, "vae_decode"), (rm.clip.visual, "reward_images"), (rm.dino, "reward_images")]
+               (models.pipe.vae.decoder, "vae_decode"), (rm.clip.visual, "reward_images"), (rm.dino, "reward_images"),
+               (rm.aesthetic and rm.aesthetic[0].visual, "reward_images")]
     hooks = [m.register_forward_pre_hook(counter(kind), with_kwargs=True) for m, kind in modules if m is not None]
 
     def teacher_sample(prompts, seeds):  # with LoRA the teacher is the student's module: count its calls here

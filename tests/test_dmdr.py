@@ -1,5 +1,6 @@
 """dmdr.py on the offline `tiny` teacher (CPU): end-to-end runs for each RL branch, the saved pipeline, exact
 resume, Ctrl-C, bad input, cross-checks against toy/, shared base weights, and a seeded learning test."""
+import dataclasses
 import json
 import math
 import os
@@ -155,7 +156,7 @@ def test_nan_loss_is_one_line_error_and_keeps_state(prompt_file, tmp_path, monke
     (["--rl-weight", "0.1"], "--rl-weight given but --rl is none"),
     (["--prompts", "EMPTY"], "is empty"),
     (["--device", "cuda"], "--device cuda but CUDA is not available"),
-    (["--reward", "aesthetic=1"], "unknown reward 'aesthetic'"),
+    (["--reward", "pickscore=1"], "unknown reward 'pickscore'"),
     (["--resume"], "--resume but"),
 ])
 def test_bad_input_one_line_error(args, message, prompt_file, tmp_path, monkeypatch):
@@ -469,3 +470,30 @@ def test_compile_gives_the_same_run_and_stops_recompiling(prompt_file, tmp_path,
         for key in ours.keys() - {k for k in ours if k.startswith("sec_")}:
             # channels_last reorders the convolutions' sums: equal up to float rounding
             assert ours[key] == pytest.approx(theirs[key], rel=1e-3, abs=1e-6), key
+
+
+def test_aesthetic_reward_loads_the_laion_checkpoint_and_is_differentiable(prompt_file, tmp_path, monkeypatch):
+    """--reward clip_text=1,aesthetic=0.05: the head loads a checkpoint in the LAION predictor's own format
+    ("layers.N.*" keys; the CLIP ViT-L/14 download is replaced by the tiny CLIP here), the reward is the weighted
+    sum of the two terms, its gradient reaches the images (ReFL), and a bad checkpoint is a one-line error."""
+    head = dmdr.aesthetic_head(32).eval()
+    torch.nn.init.normal_(head[-1].weight, std=1.0)  # a head whose score visibly depends on the image
+    torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, tmp_path / "aesthetic-model.pth")
+    tiny_clip = dmdr.create_clip(dmdr.parse_args(tiny_args(prompt_file, tmp_path / "x")), "ViT-L-14", "openai")
+    monkeypatch.setattr(dmdr, "create_clip", lambda *args: tiny_clip)
+    cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path / "run", "refl", 1, "--reward", "clip_text=1,aesthetic=0.05",
+                                    "--reward-weights", "pretrained", "--aesthetic-model",
+                                    str(tmp_path / "aesthetic-model.pth")))
+    m = dmdr.build_models(cfg, torch.device("cpu"))
+    clip, loaded = m.aesthetic
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), head.state_dict().values()))
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    reward = dmdr.reward_fn(m, cfg, images * 2 - 1, PROMPTS[:2])
+    aesthetic = head(dmdr.clip_features(m, images * 2 - 1, clip)).squeeze(-1)
+    torch.testing.assert_close(reward, dmdr.clip_score(m, images * 2 - 1, PROMPTS[:2]) + 0.05 * aesthetic)
+    assert torch.autograd.grad(aesthetic.sum(), images)[0].abs().sum() > 0
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        bad = dataclasses.replace(cfg, aesthetic_model=str(tmp_path / "bad.pth"))
+        dmdr.load_aesthetic(bad, m.device, torch.float32)
+    assert str(e.value).startswith("error: could not load the aesthetic head") and "\n" not in str(e.value)

@@ -39,7 +39,7 @@ def stable(records):
 
 
 RUN_FLAGS = ("--bc-iters", "1", "--iters", "3", "--eval-every", "2",
-             "--reward", "clip=1,dino=0.5,clip_text=0.1,latent=1")
+             "--reward", "clip=1,dino=0.5,clip_text=0.1,aesthetic=0.05,latent=1")
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +58,13 @@ def test_full_run_leaves_config_metrics_grids_student_checkpoint(full_run):
     for r in train[1:]:
         for key in ("reward_mean", "reward_std", "loss", "kl", "clipfrac", "approx_kl", "nan_skips",
                     "teacher_cache_hits", "teacher_cache_misses", "sec_teacher", "sec_rollout", "sec_reward",
-                    "sec_update", "reward_clip", "reward_dino", "reward_clip_text", "reward_latent"):
+                    "sec_update", "reward_clip", "reward_dino", "reward_clip_text", "reward_aesthetic",
+                    "reward_latent"):
             assert r[key] is not None and r[key] == r[key], key
         assert r["reward_std"] > 0 and 0 <= r["clipfrac"] <= 1 and r["kl"] >= 0 and r["nan_skips"] == 0
         # E3 with the weights of --reward
         total = r["reward_clip"] + 0.5 * r["reward_dino"] + 0.1 * r["reward_clip_text"] + r["reward_latent"]
+        total += 0.05 * r["reward_aesthetic"]
         assert r["reward_mean"] == pytest.approx(total, rel=1e-4, abs=1e-5)
     assert train[0]["bc_loss"] > 0
     assert train[2]["kl"] > 0  # the student has moved away from the reference policy (E6)
@@ -71,6 +73,7 @@ def test_full_run_leaves_config_metrics_grids_student_checkpoint(full_run):
     for r in evals:
         assert r["eval_latent_mse"] > 0 and r["eval_fd_clip"] >= 0 and -1 <= r["eval_clip_img"] <= 1
         weighted = r["eval_clip_img"] + 0.5 * r["eval_dino"] + 0.1 * r["eval_clip_text_student"] - r["eval_latent_mse"]
+        weighted += 0.05 * r["eval_aesthetic_student"]
         assert r["eval_reward"] == pytest.approx(weighted, abs=1e-4)
     assert evals[0]["eval_clip_text_teacher"] == pytest.approx(evals[-1]["eval_clip_text_teacher"])  # teacher is frozen
     assert evals[0]["eval_latent_mse"] != evals[-1]["eval_latent_mse"]  # ... the student is not
@@ -257,7 +260,7 @@ def test_bf16_end_to_end_keeps_fp32_state_and_saves_the_fp32_teacher(workdir):
     from diffusers import StableDiffusionPipeline
     out = workdir / "bf16"
     redif.main(tiny_args(workdir, "bf16", "--precision", "bf16", "--bc-iters", "1", "--iters", "1", "--eval-every", "0",
-                         "--reward", "clip=1,dino=0.5,clip_text=0.1,latent=1"))
+                         "--reward", "clip=1,dino=0.5,clip_text=0.1,aesthetic=0.05,latent=1"))
     rl = [r for r in read_metrics(out) if r["phase"] == "rl"][0]
     assert all(rl[k] is not None and rl[k] == rl[k] for k in ("reward_mean", "loss", "kl", "approx_kl"))
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
@@ -442,7 +445,7 @@ def test_rewards_with_one_teacher_image_per_group_equal_per_rollout_rewards(work
     """E3 decodes and embeds each group's teacher image once; the rewards must equal those computed against a
     teacher image repeated for every rollout."""
     cfg = redif.parse_args(tiny_args(workdir, "unused"))
-    weights = redif.parse_reward("clip=1,dino=0.5,clip_text=0.1,latent=1")
+    weights = redif.parse_reward("clip=1,dino=0.5,clip_text=0.1,aesthetic=0.05,latent=1")
     models = redif.setup_models(cfg, redif.load_pipeline(cfg), torch.device("cpu"))
     rm = redif.load_reward_models(cfg, weights, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
@@ -452,7 +455,37 @@ def test_rewards_with_one_teacher_image_per_group_equal_per_rollout_rewards(work
     flat, flat_terms, _ = redif.compute_rewards(weights, models, rm, prompts, student,
                                                 teacher.repeat_interleave(3, dim=0))
     torch.testing.assert_close(grouped, flat, rtol=1e-5, atol=1e-6)
-    assert set(terms) == set(flat_terms) == {"clip", "dino", "clip_text", "latent"}
+    assert set(terms) == set(flat_terms) == {"clip", "dino", "clip_text", "aesthetic", "latent"}
+
+
+def test_aesthetic_reward_loads_the_laion_checkpoint_and_bad_models_are_one_line_errors(workdir, tmp_path,
+                                                                                          monkeypatch):
+    """The aesthetic head loads a checkpoint in the LAION predictor's own format ("layers.N.*" keys; open_clip's
+    downloads are replaced by the tiny CLIP here) and scores the student's images only; a reward model that
+    cannot be loaded is a one-line error."""
+    import open_clip
+    tiny_cfg = redif.parse_args(tiny_args(workdir, "unused"))
+    tiny_clip = redif.load_reward_models(tiny_cfg, {"clip": 1.0}, torch.device("cpu")).clip
+    monkeypatch.setattr(open_clip, "create_model", lambda *args, **kwargs: tiny_clip)
+    head = redif.aesthetic_head(32).eval()
+    torch.nn.init.normal_(head[-1].weight, std=1.0)
+    torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, tmp_path / "aesthetic-model.pth")
+    cfg = redif.parse_args(tiny_args(workdir, "unused", "--reward-weights", "pretrained",
+                                     "--aesthetic-model", str(tmp_path / "aesthetic-model.pth")))
+    rm = redif.load_reward_models(cfg, {"aesthetic": 1.0}, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(rm.aesthetic[1].state_dict().values(), head.state_dict().values()))
+    models = redif.setup_models(cfg, redif.load_pipeline(cfg), torch.device("cpu"))
+    student, teacher = torch.randn(4, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    reward, terms, images = redif.compute_rewards({"aesthetic": 1.0}, models, rm, ["a"] * 4, student, teacher, group=2)
+    expected = head(redif.clip_image_features(rm, images[:4], tiny_clip)).squeeze(-1)
+    torch.testing.assert_close(reward, expected)
+    assert reward.std() > 0
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        redif.load_reward_models(dataclasses.replace(cfg, aesthetic_model=str(tmp_path / "bad.pth")),
+                                 {"aesthetic": 1.0}, torch.device("cpu"))
+    message = str(e.value)
+    assert message.startswith(f"error: could not load reward model {tmp_path / 'bad.pth'}") and "\n" not in message
 
 
 def test_local_diffusers_folder_loads_as_the_teacher(tmp_path):
@@ -499,7 +532,7 @@ def test_bad_inputs(workdir, monkeypatch):
     (workdir / "empty.txt").write_text("\n  \n")
     expect_error(["--teacher", "tiny", "--prompts", str(workdir / "empty.txt")] + base, "is empty")
     expect_error(["--teacher", "tiny", "--prompts", str(workdir / "missing.txt")] + base, "not found")
-    expect_error(["--teacher", "tiny", "--reward", "clip=1,aesthetic=2"] + base, "unknown reward 'aesthetic'")
+    expect_error(["--teacher", "tiny", "--reward", "clip=1,pickscore=2"] + base, "unknown reward 'pickscore'")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     expect_error(["--teacher", "tiny", "--device", "cuda", "--out", str(workdir / "never")], "CUDA is not available")
     assert not (workdir / "never").exists()
