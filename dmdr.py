@@ -845,7 +845,7 @@ def count_evaluations(counts, module, kind):
 
 
 def floor_seconds(m, counts):
-    """Evaluations x H100 SD1.5 cost, scaled by latent area (resolution/512)^2 and UNet size; no reward model."""
+    """Evaluations x H100 SD1.5 cost, scaled by latent area (latent/64)^2 and UNet size; no reward model."""
     params = sum(p.numel() for n, p in m.unet.named_parameters() if "lora_" not in n)
     scale = (m.unet.config.sample_size / 64) ** 2 * params / SD15_UNET_PARAMS
     ms = {k: H100_SD15_MS[("vae " if k.startswith("vae") else "unet ") + k.split()[-1]] * scale

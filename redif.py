@@ -901,9 +901,10 @@ def profile(models, rm, cache, step, log, run_iteration):
         log(record)
     sec = {k: sum(r.get(f"sec_{k}", 0.0) for r in records) for k in ("teacher", "rollout", "reward", "update")}
     sec["other"] = wall - sum(sec.values())
-    # H100 SD1.5 costs scaled by pixels and by UNet size (LoRA left out; the VAE is scaled alike, as a proxy)
+    # H100 SD1.5 costs scaled by latent area (SD1.5: 64 x 64) and by UNet size (LoRA left out; the VAE is scaled
+    # alike, as a proxy)
     params = sum(p.numel() for n, p in models.student.named_parameters() if "lora_" not in n)
-    floor = (cfg.resolution / 512) ** 2 * params / SD15_UNET_PARAMS * (counts["unet_forward"] * H100_SEC_FORWARD
+    floor = (models.latent_size / 64) ** 2 * params / SD15_UNET_PARAMS * (counts["unet_forward"] * H100_SEC_FORWARD
             + counts["unet_forward_backward"] * H100_SEC_TRAIN + counts["vae_decode"] * H100_SEC_DECODE)
     record = dict(iter=step + 1, phase="profile", iters=cfg.profile, wall_s=wall, floor_s=floor,
                   wall_over_floor=wall / floor, **{f"sec_{k}": v for k, v in sec.items()}, **counts,
@@ -928,7 +929,7 @@ def profile_table(r, sec, device):
                       f"teacher outputs: {r['teacher_computed']} computed ({r['unet_teacher']} of the UNet forward "
                       f"images), {r['teacher_cache_hits']} cache hits, {r['teacher_files_written']} new cache files: "
                       f"{twice} computed twice",
-                      f"floor {r['floor_s']:.4g} s (H100 SD1.5 per-image costs scaled by (resolution/512)^2 and UNet "
+                      f"floor {r['floor_s']:.4g} s (H100 SD1.5 per-image costs scaled by (latent/64)^2 and UNet "
                       f"size: meaningful on an H100 only); wall / floor {r['wall_over_floor']:.3g}; "
                       f"peak GPU memory {peak}"])
 

@@ -1,0 +1,165 @@
+"""Both scripts' --profile on the SD1.5 architecture (random weights) in several settings, in one command, and one
+table at the end: seconds per iteration, the floor, wall / floor, peak GPU memory. Issues 3-5's GPU figures.
+
+Each case runs in its own process (a crash or an out-of-memory ends that case only) with a time limit; its output
+goes to <out>/log.txt, its profile line to <out>/summary.json. The case `unet` measures this machine's per-image
+costs first (bench/unet_rate.py), so the table gives the floor at those costs beside the scripts' own floor at
+the H100 costs of issue 5.
+
+    python bench/sd_profile.py --out runs/bench                  # the default cases on CUDA
+    python bench/sd_profile.py --cases unet,redif-lora-gc,dmdr-lora-compile --out runs/bench
+    python bench/sd_profile.py --teacher tiny --out runs/bench-tiny   # every default case on CPU: the code path
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# issue 5's settings: redif group 8 (prompts_per_iter 8: 64 rollouts an iteration), dmdr batch 4 with ReFL on
+BASE = {"redif.py": ["--steps", "5", "--group", "8", "--bc-iters", "0", "--profile", "2"],
+        "dmdr.py": ["--steps", "4", "--rl", "refl", "--rl-start", "0", "--batch-size", "4", "--profile", "3"]}
+TINY = {"redif.py": ["--device", "cpu", "--teacher-steps", "10", "--prompts-per-iter", "2", "--group", "2",
+                     "--train-batch", "2", "--reward", "clip=1,dino=0.5"],
+        "dmdr.py": ["--device", "cpu", "--batch-size", "2", "--fake-updates", "2"]}
+CASES = {  # name: (script, flags, what it trains with LoRA: the floor's training cost)
+    "redif-lora": ("redif.py", [], "lora"),
+    "redif-lora-gc": ("redif.py", ["--gradient-checkpointing"], "lora"),
+    "redif-lora-compile": ("redif.py", ["--compile"], "lora"),
+    "redif-full": ("redif.py", ["--finetune", "full"], "full"),
+    "redif-full-gc": ("redif.py", ["--finetune", "full", "--gradient-checkpointing"], "full"),
+    "dmdr-lora": ("dmdr.py", ["--generator", "lora"], "lora"),
+    "dmdr-lora-gc": ("dmdr.py", ["--generator", "lora", "--gradient-checkpointing"], "lora"),
+    "dmdr-lora-compile": ("dmdr.py", ["--generator", "lora", "--compile"], "lora"),
+    "dmdr-full": ("dmdr.py", ["--generator", "full"], "full"),
+    "dmdr-full-gc": ("dmdr.py", ["--generator", "full", "--gradient-checkpointing"], "full"),
+}
+DEFAULT_CASES = "unet,redif-lora,dmdr-lora,dmdr-full,redif-full"
+
+
+def case_command(case, teacher, out):
+    """-> (script, its arguments) of a profile case."""
+    script, flags, _ = CASES[case]
+    return script, ["--teacher", teacher, *BASE[script], *(TINY[script] if teacher == "tiny" else []), *flags,
+                    "--out", str(out)]
+
+
+def run(cmd, log, timeout):
+    """Run cmd, appending its output to log -> (return code or 'timeout', seconds)."""
+    clock = time.perf_counter()
+    with open(log, "a") as fh:
+        fh.write(f"\n$ {' '.join(cmd)}\n")
+        fh.flush()
+        try:
+            code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, timeout=timeout,
+                                  env=dict(os.environ, PYTHONUNBUFFERED="1")).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    return code, time.perf_counter() - clock
+
+
+def image_counts(script, row):
+    """The profile line's images by cost: {"forward", "train", "train lora", "vae decode"} -> count."""
+    if script == "redif.py":
+        return {"forward": row["unet_forward"], "train": row["unet_forward_backward"], "vae decode": row["vae_decode"]}
+    counts = {"forward": 0, "train": 0, "train lora": 0, "vae decode": 0}
+    for key, n in row["evals"].items():
+        kind, grad = key.rsplit(" ", 1)
+        if kind == "vae decode":  # a decode with grad (ReFL) counts as 3 decodes, as dmdr.py's floor
+            counts["vae decode"] += n * (3 if grad == "fwd+bwd" else 1)
+        elif not kind.startswith("reward"):
+            counts["forward" if grad == "fwd" else "train lora" if kind == "fake score" else "train"] += n
+    return counts
+
+
+def floor_here(counts, costs, trains):
+    """Seconds at this machine's measured eager per-image costs (bench/unet_rate.py)."""
+    train = costs["train lora" if trains == "lora" else "train full"]
+    return (counts["forward"] * costs["forward"] + counts["train"] * train
+            + counts.get("train lora", 0) * costs["train lora"] + counts["vae decode"] * costs["vae decode"])
+
+
+def table(results, costs):
+    lines = ["| case | status | s / iter | floor s / iter (H100 costs) | wall / floor | floor s / iter (here) | "
+             "wall / floor here | peak GiB | UNet fwd / fwd+bwd images per iter | phases (s / iter) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        if "row" not in r:
+            lines.append(f"| {r['case']} | {r['status']} ({r['seconds']:.0f} s) |" + " |" * 8)
+            continue
+        row, n = r["row"], r["row"]["iters"]
+        here = floor_here(r["counts"], costs, r["trains"]) / n if costs else None
+        phases = ", ".join(f"{k[4:]} {v / n:.2f}" for k, v in row.items() if k.startswith("sec_"))
+        wall = row["wall_s"] / n
+        cells = [f"ok ({r['seconds']:.0f} s)", f"{wall:.2f}", f"{row['floor_s'] / n:.2f}", f"{row['wall_over_floor']:.2f}",
+                 "-" if here is None else f"{here:.2f}", "-" if here is None else f"{wall / here:.2f}",
+                 "-" if row.get("peak_gib") is None else f"{row['peak_gib']:.1f}",
+                 f"{r['counts']['forward'] // n} / {(r['counts']['train'] + r['counts'].get('train lora', 0)) // n}",
+                 phases]
+        lines.append(f"| {r['case']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--cases", default=DEFAULT_CASES, help=f"comma-separated, in order: unet, {', '.join(CASES)}")
+    parser.add_argument("--teacher", default="sd15-random", choices=["sd15-random", "tiny"],
+                        help="tiny: small settings on CPU, to check the code path")
+    parser.add_argument("--out", default="runs/bench", help="folder of the runs, log.txt and summary.{json,md}")
+    parser.add_argument("--case-timeout", type=int, default=300, help="seconds before a case is stopped")
+    parser.add_argument("--budget", type=int, default=0, help="start no case after this many seconds (0: no limit)")
+    parser.add_argument("--compile-unet", action="store_true", help="the unet case also times torch.compile")
+    args = parser.parse_args(argv)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c != "unet" and c not in CASES]
+    if unknown:
+        raise SystemExit(f"error: unknown case {', '.join(unknown)} (fix: choose from unet, {', '.join(CASES)})")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    log, started, results, costs = out / "log.txt", time.perf_counter(), [], None
+    tiny = args.teacher == "tiny"
+    for case in cases:
+        if args.budget and time.perf_counter() - started > args.budget:
+            results.append(dict(case=case, status="skipped: over --budget", seconds=0.0))
+            continue
+        print(f"[{time.perf_counter() - started:6.0f} s] {case} ...", flush=True)
+        if case == "unet":
+            cmd = [sys.executable, "bench/unet_rate.py", "--teacher", args.teacher, "--json", str(out / "costs.json")]
+            cmd += (["--device", "cpu", "--batch", "2", "--reps", "2"] if tiny else [])
+            cmd += ["--compile"] if args.compile_unet else []
+            code, seconds = run(cmd, log, args.case_timeout)
+            if code == 0:
+                costs = json.loads((out / "costs.json").read_text())["eager"]
+            results.append(dict(case=case, status="ok" if code == 0 else f"failed ({code})", seconds=seconds))
+            continue
+        run_dir, trains = out / case, CASES[case][2]
+        if (run_dir / "metrics.jsonl").exists():  # a fresh run each time: the scripts never overwrite one
+            (run_dir / "metrics.jsonl").unlink()
+        script, script_args = case_command(case, args.teacher, run_dir)
+        code, seconds = run([sys.executable, script, *script_args], log, args.case_timeout)
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
+            if (run_dir / "metrics.jsonl").exists() else []
+        profile = [r for r in rows if r.get("phase") == "profile"]
+        result = dict(case=case, status="ok" if code == 0 and profile else f"failed ({code})", seconds=seconds,
+                      trains=trains)
+        if profile:
+            result.update(row=profile[-1], counts=image_counts(script, profile[-1]))
+        results.append(result)
+        print(f"         {result['status']} in {seconds:.0f} s", flush=True)
+    summary = table(results, costs)
+    if costs:
+        summary += ("\n\nmeasured eager costs here, ms per image: " +
+                    ", ".join(f"{k} {v * 1000:.2f}" for k, v in costs.items()))
+    (out / "summary.md").write_text(summary + "\n")
+    (out / "summary.json").write_text(json.dumps(dict(costs=costs, results=results), indent=1))
+    print(f"\n## sd_profile ({args.teacher}; {time.perf_counter() - started:.0f} s; full output in {log})\n")
+    print(summary)
+    return results
+
+
+if __name__ == "__main__":
+    main()

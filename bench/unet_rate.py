@@ -1,0 +1,159 @@
+"""Per-image costs of the SD1.5 UNet and VAE on this machine: the figures behind --profile's floor.
+
+Random-weight SD1.5 architecture (redif.py's `sd15-random`), 512 px, bf16 autocast over bf16 frozen weights (as
+both scripts run on CUDA). For each variant (eager; channels_last; with --compile, torch.compile of the forward):
+    forward        no grad, bf16 weights (the teacher, the real score, rollouts)
+    train full     forward + backward + AdamW step, fp32 weights under autocast (--finetune/--generator full)
+    train lora     forward + backward + AdamW step of a rank-8 LoRA on bf16 weights (--finetune lora)
+and the VAE decode. Times are CUDA-event medians after warm-up; TFLOP/s counts 803 GFLOP per UNet forward image
+and 3x that for a forward + backward (issue 5's figures).
+
+    python bench/unet_rate.py                 # eager and channels_last, about a minute on an H100
+    python bench/unet_rate.py --compile --json costs.json
+    python bench/unet_rate.py --teacher tiny --device cpu --batch 2 --reps 2   # the code path, on CPU
+"""
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import redif  # noqa: E402  (build_offline_pipeline: the SD1.5 shapes with random weights)
+
+GFLOP_FORWARD = 803  # per 512 px image, SD1.5 UNet (issue 5)
+
+
+def timed(fn, reps, device):
+    """Median seconds of fn() over reps after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            clock = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - clock)
+    return statistics.median(times)
+
+
+def unet_cases(unet, batch, latent, device, dtype, lora_rank=8):
+    """-> {case: (fn, images per call)}; fresh random inputs each call (never zeros)."""
+    dim = unet.config.cross_attention_dim
+
+    def inputs():
+        x = torch.randn(batch, 4, latent, latent, device=device)
+        t = torch.randint(0, 1000, (batch,), device=device)
+        return x, t, torch.randn(batch, 77, dim, device=device)
+
+    frozen = copy.deepcopy(unet).to(device, dtype).requires_grad_(False).eval()
+    full = copy.deepcopy(unet).to(device, torch.float32).requires_grad_(True).train()
+    lora = copy.deepcopy(unet).to(device, dtype).requires_grad_(False).train()
+    from peft import LoraConfig
+    lora.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    for p in lora.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-12)
+                  for name, m in (("full", full), ("lora", lora))}
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype == torch.bfloat16)
+
+    @torch.no_grad()
+    def forward():
+        with autocast():
+            frozen(*inputs()).sample.float()
+
+    def train(model, name):
+        def step():
+            with autocast():
+                out = model(*inputs()).sample.float()
+            out.square().mean().backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+        return step
+
+    return {"forward": (forward, frozen), "train full": (train(full, "full"), full),
+            "train lora": (train(lora, "lora"), lora)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", default="sd15-random", choices=["sd15-random", "tiny"])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--batch", type=int, default=16, help="UNet images per call (issue 5: 16)")
+    parser.add_argument("--vae-batch", type=int, default=8, help="VAE decodes per call (issue 5: 8)")
+    parser.add_argument("--reps", type=int, default=10, help="timed calls per case (median)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (inductor) of each forward")
+    parser.add_argument("--json", help="write {variant: {case: seconds per image}} here")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but CUDA is not available (fix: --device cpu)")
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    pipe = redif.build_offline_pipeline(args.teacher)
+    latent = pipe.unet.config.sample_size
+    pipe.vae.to(device, dtype).requires_grad_(False)
+    variants = ["eager", "channels_last"] + (["compile"] if args.compile else [])
+    results, rows = {}, []
+    for variant in variants:
+        cases = unet_cases(pipe.unet, args.batch, latent, device, dtype)
+        results[variant] = {}
+        for name, (fn, module) in cases.items():
+            if variant != "eager":
+                module.to(memory_format=torch.channels_last)
+            if variant == "compile":
+                module.forward = torch.compile(type(module).forward.__get__(module))
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            clock = time.perf_counter()
+            sec = timed(fn, args.reps, device)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+            flops = GFLOP_FORWARD * (3 if name.startswith("train") else 1) if args.teacher == "sd15-random" \
+                else float("nan")  # the FLOP count is SD1.5's at 512 px
+            results[variant][name] = sec / args.batch
+            rows.append((variant, name, args.batch, sec * 1000, sec / args.batch * 1000,
+                         flops * args.batch / sec / 1000, peak, time.perf_counter() - clock))
+        del cases
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @torch.no_grad()
+    def vae_decode():
+        z = torch.randn(args.vae_batch, 4, latent, latent, device=device, dtype=dtype)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype == torch.bfloat16):
+            pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample.float()
+
+    sec = timed(vae_decode, args.reps, device)
+    for variant in variants:
+        results[variant]["vae decode"] = sec / args.vae_batch
+    rows.append(("eager", "vae decode", args.vae_batch, sec * 1000, sec / args.vae_batch * 1000, float("nan"),
+                 float("nan"), 0.0))
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"\n## UNet and VAE per-image costs: {args.teacher}, {latent * 8} px, {dtype}, {name}, torch "
+          f"{torch.__version__}\n\n| variant | case | batch | ms / call | ms / image | TFLOP/s | peak GiB | s to measure |"
+          "\n|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} | {r[4]:.2f} | {r[5]:.0f} | {r[6]:.1f} | {r[7]:.0f} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(device=name, batch=args.batch, **results), fh, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

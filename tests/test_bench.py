@@ -1,0 +1,40 @@
+"""bench/sd_profile.py, the GPU benchmark: its cases run on the tiny teacher, and the floor it computes from a
+profile line's image counts is the scripts' own floor (same counts, same per-image costs)."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import dmdr
+import redif
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import sd_profile  # noqa: E402
+
+H100_COSTS = {"forward": redif.H100_SEC_FORWARD, "train full": redif.H100_SEC_TRAIN,
+              "train lora": redif.H100_SEC_TRAIN, "vae decode": redif.H100_SEC_DECODE}
+
+
+@pytest.mark.parametrize("case", ["redif-lora", "dmdr-lora", "dmdr-full"])
+def test_bench_floor_is_the_scripts_floor(case, tmp_path):
+    script, args = sd_profile.case_command(case, "tiny", tmp_path / case)
+    {"redif.py": redif, "dmdr.py": dmdr}[script].main(args)
+    row = [json.loads(line) for line in (tmp_path / case / "metrics.jsonl").read_text().splitlines()][-1]
+    assert row["phase"] == "profile"
+    counts = sd_profile.image_counts(script, row)
+    assert counts["forward"] > 0 and counts["train"] > 0 and counts["vae decode"] > 0
+    unet = redif.build_offline_pipeline("tiny").unet  # both scripts scale SD1.5's costs by UNet size, latent area
+    scale = (unet.config.sample_size / 64) ** 2 * sum(p.numel() for p in unet.parameters()) / redif.SD15_UNET_PARAMS
+    assert dmdr.H100_SD15_MS == pytest.approx({"unet fwd": 1000 * H100_COSTS["forward"],  # one set of costs
+                                               "unet fwd+bwd": 1000 * H100_COSTS["train full"],
+                                               "vae fwd": 1000 * H100_COSTS["vae decode"],
+                                               "vae fwd+bwd": 3000 * H100_COSTS["vae decode"]})
+    floor = sd_profile.floor_here(counts, H100_COSTS, sd_profile.CASES[case][2])
+    assert row["floor_s"] == pytest.approx(scale * floor, rel=1e-9)
+    result = dict(case=case, status="ok", seconds=1.0, trains=sd_profile.CASES[case][2], row=row, counts=counts)
+    line = sd_profile.table([result], {k: v * scale for k, v in H100_COSTS.items()}).splitlines()[-1]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[0] == case and cells[5] == f"{row['floor_s'] / row['iters']:.2f}"  # the floor here = the script's
+    assert cells[6] == f"{row['wall_over_floor']:.2f}"
