@@ -1,10 +1,12 @@
-"""Both scripts' --profile on the SD1.5 architecture (random weights) in several settings, in one command, and one
-table at the end: seconds per iteration, the floor, wall / floor, peak GPU memory. Issues 3-5's GPU figures.
+"""Both scripts on the SD1.5 architecture (random weights) in several settings, in one command, and one table at
+the end: the GPU figures of issues 3-5.
 
-Each case runs in its own process (a crash or an out-of-memory ends that case only) with a time limit; its output
-goes to <out>/log.txt, its profile line to <out>/summary.json. The case `unet` measures this machine's per-image
-costs first (bench/unet_rate.py), so the table gives the floor at those costs beside the scripts' own floor at
-the H100 costs of issue 5.
+Cases: `unet` measures this machine's per-image costs (bench/unet_rate.py), so the table gives the floor at those
+costs beside the scripts' own floor at the H100 costs of issue 5; `redif-*` / `dmdr-*` run --profile (seconds per
+iteration, the floor, wall / floor, peak GPU memory); `redif-train` / `dmdr-train` run a few real iterations (BC,
+RL, evaluation, checkpoint, saved pipeline), then load the saved pipeline into stock diffusers and sample it in K
+steps. Each case runs in its own process (a crash or an out-of-memory ends that case only) with a time limit; all
+output goes to <out>/log.txt, the table to <out>/summary.md and the figures to <out>/summary.json.
 
     python bench/sd_profile.py --out runs/bench                  # the default cases on CUDA
     python bench/sd_profile.py --cases unet,redif-lora-gc,dmdr-lora-compile --out runs/bench
@@ -37,11 +39,34 @@ CASES = {  # name: (script, flags, what it trains with LoRA: the floor's trainin
     "dmdr-full": ("dmdr.py", ["--generator", "full"], "full"),
     "dmdr-full-gc": ("dmdr.py", ["--generator", "full", "--gradient-checkpointing"], "full"),
 }
-DEFAULT_CASES = "unet,redif-lora,dmdr-lora,dmdr-full,redif-full"
+# A short real run (BC, RL, evaluation, checkpoint, saved pipeline), whose pipeline stock diffusers then samples
+TRAIN = {"redif-train": ("redif.py", ["--steps", "5", "--bc-iters", "1", "--iters", "2", "--eval-every", "0",
+                                      "--eval-pairs", "4", "--prompts-per-iter", "4", "--group", "4"], "student"),
+         "dmdr-train": ("dmdr.py", ["--steps", "4", "--rl", "refl", "--rl-start", "0", "--iters", "2",
+                                    "--eval-every", "1", "--num-eval-prompts", "2", "--batch-size", "2",
+                                    "--generator", "lora"], "generator")}
+TINY_TRAIN = {"redif.py": ["--device", "cpu", "--teacher-steps", "10", "--steps", "2", "--group", "2",
+                           "--prompts-per-iter", "2", "--eval-pairs", "2"],
+              "dmdr.py": ["--device", "cpu", "--fake-updates", "1", "--eval-teacher-steps", "2"]}
+DEFAULT_CASES = "unet,redif-lora,dmdr-lora,redif-train,dmdr-train,dmdr-full,redif-full"
+SAMPLE_SAVED = """import json, sys, torch
+from diffusers import StableDiffusionPipeline
+folder, steps, guidance, device = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+pipe = StableDiffusionPipeline.from_pretrained(folder).to(device)
+image = pipe("a photo of a cat", num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
+             generator=torch.Generator(device).manual_seed(0)).images
+assert torch.isfinite(image).all(), "non-finite image"
+print(json.dumps(dict(sampled=list(image.shape), steps=len(pipe.scheduler.timesteps),
+                      timesteps=pipe.scheduler.timesteps.tolist())))
+"""
 
 
 def case_command(case, teacher, out):
-    """-> (script, its arguments) of a profile case."""
+    """-> (script, its arguments) of a case."""
+    if case in TRAIN:
+        script, flags, _ = TRAIN[case]
+        return script, ["--teacher", teacher, *flags, *(TINY_TRAIN[script] if teacher == "tiny" else []),
+                        "--out", str(out)]
     script, flags, _ = CASES[case]
     return script, ["--teacher", teacher, *BASE[script], *(TINY[script] if teacher == "tiny" else []), *flags,
                     "--out", str(out)]
@@ -59,6 +84,25 @@ def run(cmd, log, timeout):
         except subprocess.TimeoutExpired:
             code = "timeout"
     return code, time.perf_counter() - clock
+
+
+def sample_saved(case, run_dir, code, seconds, args, log):
+    """After a TRAIN case: its last evaluation line, and stock diffusers sampling the saved pipeline in K steps."""
+    script, _, folder = TRAIN[case]
+    result = dict(case=case, status=f"failed ({code})", seconds=seconds)
+    if code != 0:
+        return result
+    config = json.loads((run_dir / "config.json").read_text())
+    guidance = config.get("student_guidance", 0.0)  # dmdr's generator samples without CFG
+    device = "cpu" if args.teacher == "tiny" else "cuda"
+    cmd = [sys.executable, "-c", SAMPLE_SAVED, str(run_dir / folder), str(config["steps"]), str(guidance), device]
+    code, more = run(cmd, log, args.case_timeout)
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if '"phase": "eval"' in line or '"eval_' in line]
+    result.update(seconds=seconds + more, eval=evals[-1] if evals else None,
+                  status=f"ok: trained, evaluated, saved; stock pipeline sampled in {config['steps']} steps"
+                  if code == 0 else f"trained and saved, but stock sampling failed ({code})")
+    return result
 
 
 def image_counts(script, row):
@@ -88,7 +132,9 @@ def table(results, costs):
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         if "row" not in r:
-            lines.append(f"| {r['case']} | {r['status']} ({r['seconds']:.0f} s) |" + " |" * 8)
+            evals = ", ".join(f"{k} {v:.4g}" for k, v in (r.get("eval") or {}).items()
+                              if k.startswith("eval_") and isinstance(v, float))
+            lines.append(f"| {r['case']} | {r['status']} ({r['seconds']:.0f} s) |" + " |" * 7 + f" {evals} |")
             continue
         row, n = r["row"], r["row"]["iters"]
         here = floor_here(r["counts"], costs, r["trains"]) / n if costs else None
@@ -115,9 +161,10 @@ def main(argv=None):
     parser.add_argument("--compile-unet", action="store_true", help="the unet case also times torch.compile")
     args = parser.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in cases if c != "unet" and c not in CASES]
+    unknown = [c for c in cases if c != "unet" and c not in CASES and c not in TRAIN]
     if unknown:
-        raise SystemExit(f"error: unknown case {', '.join(unknown)} (fix: choose from unet, {', '.join(CASES)})")
+        raise SystemExit(f"error: unknown case {', '.join(unknown)} "
+                         f"(fix: choose from unet, {', '.join(TRAIN)}, {', '.join(CASES)})")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     log, started, results, costs = out / "log.txt", time.perf_counter(), [], None
@@ -136,11 +183,16 @@ def main(argv=None):
                 costs = json.loads((out / "costs.json").read_text())["eager"]
             results.append(dict(case=case, status="ok" if code == 0 else f"failed ({code})", seconds=seconds))
             continue
-        run_dir, trains = out / case, CASES[case][2]
-        if (run_dir / "metrics.jsonl").exists():  # a fresh run each time: the scripts never overwrite one
-            (run_dir / "metrics.jsonl").unlink()
+        run_dir = out / case
+        for name in ("metrics.jsonl", "checkpoint.pt"):  # a fresh run each time: the scripts never overwrite one
+            (run_dir / name).unlink(missing_ok=True)
         script, script_args = case_command(case, args.teacher, run_dir)
         code, seconds = run([sys.executable, script, *script_args], log, args.case_timeout)
+        if case in TRAIN:
+            results.append(sample_saved(case, run_dir, code, seconds, args, log))
+            print(f"         {results[-1]['status']} in {results[-1]['seconds']:.0f} s", flush=True)
+            continue
+        trains = CASES[case][2]
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
             if (run_dir / "metrics.jsonl").exists() else []
         profile = [r for r in rows if r.get("phase") == "profile"]
