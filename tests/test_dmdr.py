@@ -497,3 +497,33 @@ def test_aesthetic_reward_loads_the_laion_checkpoint_and_is_differentiable(promp
         bad = dataclasses.replace(cfg, aesthetic_model=str(tmp_path / "bad.pth"))
         dmdr.load_aesthetic(bad, m.device, torch.float32)
     assert str(e.value).startswith("error: could not load the aesthetic head") and "\n" not in str(e.value)
+
+
+def test_refl_image_by_image_has_the_value_and_gradient_of_the_whole_batch(prompt_file, tmp_path):
+    """refl_loss takes dL_rl/dx0 one image at a time (decoder memory) and returns x0 . stopgrad(dL_rl/dx0) with
+    L_rl's value: its value and its gradient w.r.t. the generator equal those of -mean R(decode(x0)) on the batch."""
+    cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "refl", 1, "--generator", "lora",
+                                    "--reward", "clip_text=1,aesthetic=0.05"))
+    m = dmdr.build_models(cfg, torch.device("cpu"))
+    with torch.no_grad():  # a generator LoRA away from zero, so that the gradient reaches both of its factors
+        for p in dmdr.lora_params(m.unet, "generator"):
+            p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    emb = dmdr.encode_prompts(m, PROMPTS[:3])
+    z = torch.randn(3, *dmdr.latent_shape(m), generator=torch.Generator().manual_seed(0))
+    params = dmdr.lora_params(m.unet, "generator")
+    results = []
+    for whole in (True, False):
+        x0 = dmdr.generator_x0(m, z, m.timesteps[0], emb)
+        if whole:
+            r = dmdr.reward_fn(m, cfg, dmdr.decode(m, x0), PROMPTS[:3])
+            loss = -r.mean()
+        else:
+            loss, r = dmdr.refl_loss(m, cfg, x0, PROMPTS[:3])
+        dmdr.use_adapter(m.unet, "generator")
+        grads = torch.autograd.grad(loss, params)
+        results.append((loss.detach(), r.detach(), torch.cat([g.flatten() for g in grads])))
+    (loss_w, r_w, g_w), (loss_c, r_c, g_c) = results
+    torch.testing.assert_close(loss_c, loss_w)
+    torch.testing.assert_close(r_c, r_w)
+    print(f"relative gradient difference {((g_c - g_w).norm() / g_w.norm()).item():.2e}")
+    assert g_w.norm() > 0 and (g_c - g_w).norm() < 1e-5 * g_w.norm()  # float32 rounding of other sums
