@@ -48,8 +48,8 @@ def timed(fn, reps, device):
     return statistics.median(times)
 
 
-def unet_cases(unet, batch, latent, device, dtype, lora_rank=8):
-    """-> {case: (fn, images per call)}; fresh random inputs each call (never zeros)."""
+def unet_case(name, unet, batch, latent, device, dtype, lora_rank=8):
+    """-> (fn, module) of one case on its own copy of the UNet; fresh random inputs each call (never zeros)."""
     dim = unet.config.cross_attention_dim
 
     def inputs():
@@ -57,37 +57,36 @@ def unet_cases(unet, batch, latent, device, dtype, lora_rank=8):
         t = torch.randint(0, 1000, (batch,), device=device)
         return x, t, torch.randn(batch, 77, dim, device=device)
 
-    frozen = copy.deepcopy(unet).to(device, dtype).requires_grad_(False).eval()
-    full = copy.deepcopy(unet).to(device, torch.float32).requires_grad_(True).train()
-    lora = copy.deepcopy(unet).to(device, dtype).requires_grad_(False).train()
-    from peft import LoraConfig
-    lora.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    for p in lora.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-12)
-                  for name, m in (("full", full), ("lora", lora))}
-
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=dtype == torch.bfloat16)
 
-    @torch.no_grad()
-    def forward():
-        with autocast():
-            frozen(*inputs()).sample.float()
+    if name == "forward":  # frozen bf16 weights, no grad
+        model = copy.deepcopy(unet).to(device, dtype).requires_grad_(False).eval()
 
-    def train(model, name):
-        def step():
+        @torch.no_grad()
+        def forward():
             with autocast():
-                out = model(*inputs()).sample.float()
-            out.square().mean().backward()
-            optimizers[name].step()
-            optimizers[name].zero_grad(set_to_none=True)
-        return step
+                model(*inputs()).sample.float()
+        return forward, model
+    if name == "train full":  # fp32 weights under autocast, as --finetune / --generator full
+        model = copy.deepcopy(unet).to(device, torch.float32).requires_grad_(True).train()
+    else:  # a LoRA over bf16 weights, as --finetune lora (redif.py's LoRA config)
+        from peft import LoraConfig
+        model = copy.deepcopy(unet).to(device, dtype).requires_grad_(False).train()
+        model.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-12)
 
-    return {"forward": (forward, frozen), "train full": (train(full, "full"), full),
-            "train lora": (train(lora, "lora"), lora)}
+    def step():
+        with autocast():
+            out = model(*inputs()).sample.float()
+        out.square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step, model
 
 
 def main(argv=None):
@@ -111,9 +110,9 @@ def main(argv=None):
     variants = ["eager", "channels_last"] + (["compile"] if args.compile else [])
     results, rows = {}, []
     for variant in variants:
-        cases = unet_cases(pipe.unet, args.batch, latent, device, dtype)
         results[variant] = {}
-        for name, (fn, module) in cases.items():
+        for name in ("forward", "train full", "train lora"):
+            fn, module = unet_case(name, pipe.unet, args.batch, latent, device, dtype)
             if variant != "eager":
                 module.to(memory_format=torch.channels_last)
             if variant == "compile":
@@ -128,9 +127,9 @@ def main(argv=None):
             results[variant][name] = sec / args.batch
             rows.append((variant, name, args.batch, sec * 1000, sec / args.batch * 1000,
                          flops * args.batch / sec / 1000, peak, time.perf_counter() - clock))
-        del cases
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            del fn, module  # each case's copy (and optimiser) is freed before the next is built
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     @torch.no_grad()
     def vae_decode():
