@@ -280,10 +280,11 @@ def test_bench_smoke(tmp_path):
     rows, claims, report = bench.run(cfg, str(tmp_path), log=lambda *a: None)
     methods = {r["method"] for r in rows}
     assert methods >= {"teacher K-step DDIM", "student init", "PD", "CD", "ReDiF BC only (E7)", "ReDiF-GRPO",
-                       "ReDiF-PPO", "DMD (no RL)", "RL only (ReFL)", "DMDR (DMD+ReFL)", "teacher 50-step"}
+                       "ReDiF-PPO", "DMD init (no CFG)", "DMD (no RL)", "RL only (ReFL)", "DMDR (DMD+ReFL)",
+                       "teacher 50-step"}
     for r in rows:
         assert all(math.isfinite(r[k]) for k in ("align_err", "sw2", "mmd", "coverage", "reward", "train_s")), r
-    assert len(claims) == 9 and all(v.split()[0] in {"REPRODUCED", "PARTLY", "NOT", "YES", "NO", "MIXED"}
+    assert len(claims) == 10 and all(v.split()[0] in {"REPRODUCED", "PARTLY", "NOT", "YES", "NO", "MIXED"}
                                     for _, v, _ in claims)
     assert "## Claims" in report and (tmp_path / "table.md").exists() and (tmp_path / "scatter_K2.png").exists()
     assert [r for r in rows if r["method"] == "teacher 50-step"][0]["align_err"] == 0
