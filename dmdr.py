@@ -1025,12 +1025,12 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint.pt"
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
 
-    m = build_models(cfg, device)
+    m = build_models(cfg, device)  # a teacher or reward model that fails to load leaves no run folder behind
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     m.uncond = encode_prompts(m, [""])  # (1, 77, D)
     gen_params = lora_params(m.unet, "generator") if m.lora_generator else list(m.gen_unet.parameters())
     opt_g = torch.optim.AdamW(gen_params, lr=cfg.lr)

@@ -158,12 +158,17 @@ def test_nan_loss_is_one_line_error_and_keeps_state(prompt_file, tmp_path, monke
     (["--device", "cuda"], "--device cuda but CUDA is not available"),
     (["--reward", "pickscore=1"], "unknown reward 'pickscore'"),
     (["--resume"], "--resume but"),
+    (["--teacher", "BROKEN"], "could not load teacher"),  # passes the checks, fails in from_pretrained
 ])
 def test_bad_input_one_line_error(args, message, prompt_file, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     if "EMPTY" in args:
         (tmp_path / "empty.txt").write_text("\n  \n")
         args = [a.replace("EMPTY", str(tmp_path / "empty.txt")) for a in args]
+    if "BROKEN" in args:
+        (tmp_path / "broken").mkdir()
+        (tmp_path / "broken" / "model_index.json").write_text("{}")
+        args = [a.replace("BROKEN", str(tmp_path / "broken")) for a in args]
     out = tmp_path / "out"
     argv = tiny_args(prompt_file, out, "none")
     for flag, value in zip(args[::2], args[1::2] + [None]):

@@ -526,6 +526,9 @@ def test_bad_inputs(workdir, monkeypatch):
     expect_error(["--teacher", "sd99"] + base, "unknown teacher alias 'sd99'")
     expect_error(["--teacher", "./no/such/folder"] + base, "does not exist")
     expect_error(["--teacher", str(workdir)] + base, "model_index.json")
+    (workdir / "broken").mkdir(exist_ok=True)
+    (workdir / "broken" / "model_index.json").write_text("{}")  # passes the checks, fails in from_pretrained
+    expect_error(["--teacher", str(workdir / "broken")] + base, "could not load teacher")
     expect_error(["--teacher", "tiny", "--steps", "50"] + base, "--steps 50", "below the teacher's 50")
     expect_error(["--teacher", "tiny", "--steps", "10", "--teacher-steps", "10"] + base, "below")
     expect_error(["--teacher", "tiny", "--algo", "grpo", "--group", "1"] + base, "--group 1", "--algo ppo")
