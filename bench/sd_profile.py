@@ -168,49 +168,64 @@ def main(argv=None):
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     log, started, results, costs = out / "log.txt", time.perf_counter(), [], None
-    tiny = args.teacher == "tiny"
     for case in cases:
         if args.budget and time.perf_counter() - started > args.budget:
             results.append(dict(case=case, status="skipped: over --budget", seconds=0.0))
             continue
         print(f"[{time.perf_counter() - started:6.0f} s] {case} ...", flush=True)
-        if case == "unet":
-            cmd = [sys.executable, "bench/unet_rate.py", "--teacher", args.teacher, "--json", str(out / "costs.json")]
-            cmd += (["--device", "cpu", "--batch", "2", "--reps", "2"] if tiny else [])
-            cmd += ["--compile"] if args.compile_unet else []
-            code, seconds = run(cmd, log, args.case_timeout)
-            if code == 0:
-                costs = json.loads((out / "costs.json").read_text())["eager"]
-            results.append(dict(case=case, status="ok" if code == 0 else f"failed ({code})", seconds=seconds))
-            continue
-        run_dir = out / case
-        for name in ("metrics.jsonl", "checkpoint.pt"):  # a fresh run each time: the scripts never overwrite one
-            (run_dir / name).unlink(missing_ok=True)
-        script, script_args = case_command(case, args.teacher, run_dir)
-        code, seconds = run([sys.executable, script, *script_args], log, args.case_timeout)
-        if case in TRAIN:
-            results.append(sample_saved(case, run_dir, code, seconds, args, log))
-            print(f"         {results[-1]['status']} in {results[-1]['seconds']:.0f} s", flush=True)
-            continue
-        trains = CASES[case][2]
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
-            if (run_dir / "metrics.jsonl").exists() else []
-        profile = [r for r in rows if r.get("phase") == "profile"]
-        result = dict(case=case, status="ok" if code == 0 and profile else f"failed ({code})", seconds=seconds,
-                      trains=trains)
-        if profile:
-            result.update(row=profile[-1], counts=image_counts(script, profile[-1]))
+        log_start = log.stat().st_size if log.exists() else 0
+        result = run_case(case, args, out, log)
+        costs = result.pop("costs", costs)
         results.append(result)
-        print(f"         {result['status']} in {seconds:.0f} s", flush=True)
+        print(f"         {result['status']} in {result['seconds']:.0f} s", flush=True)
+        if not result["status"].startswith("ok"):  # its error, here rather than only in the log
+            with open(log, "rb") as fh:
+                fh.seek(log_start)
+                print("         " + "\n         ".join(fh.read().decode(errors="replace").splitlines()[-12:]))
+        write_summary(out, results, costs)  # after every case: a run stopped early keeps what it measured
+    summary = write_summary(out, results, costs)
+    print(f"\n## sd_profile ({args.teacher}; {time.perf_counter() - started:.0f} s; full output in {log})\n")
+    print(summary)
+    return results
+
+
+def run_case(case, args, out, log):
+    """One case in its own process -> its result (for `unet`, with the measured costs)."""
+    tiny = args.teacher == "tiny"
+    if case == "unet":
+        cmd = [sys.executable, "bench/unet_rate.py", "--teacher", args.teacher, "--json", str(out / "costs.json")]
+        cmd += (["--device", "cpu", "--batch", "2", "--reps", "2"] if tiny else [])
+        cmd += ["--compile"] if args.compile_unet else []
+        code, seconds = run(cmd, log, args.case_timeout)
+        result = dict(case=case, status="ok" if code == 0 else f"failed ({code})", seconds=seconds)
+        if code == 0:
+            result["costs"] = json.loads((out / "costs.json").read_text())["eager"]
+        return result
+    run_dir = out / case
+    for name in ("metrics.jsonl", "checkpoint.pt"):  # a fresh run each time: the scripts never overwrite one
+        (run_dir / name).unlink(missing_ok=True)
+    script, script_args = case_command(case, args.teacher, run_dir)
+    code, seconds = run([sys.executable, script, *script_args], log, args.case_timeout)
+    if case in TRAIN:
+        return sample_saved(case, run_dir, code, seconds, args, log)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
+        if (run_dir / "metrics.jsonl").exists() else []
+    profile = [r for r in rows if r.get("phase") == "profile"]
+    result = dict(case=case, status="ok" if code == 0 and profile else f"failed ({code})", seconds=seconds,
+                  trains=CASES[case][2])
+    if profile:
+        result.update(row=profile[-1], counts=image_counts(script, profile[-1]))
+    return result
+
+
+def write_summary(out, results, costs):
     summary = table(results, costs)
     if costs:
         summary += ("\n\nmeasured eager costs here, ms per image: " +
                     ", ".join(f"{k} {v * 1000:.2f}" for k, v in costs.items()))
     (out / "summary.md").write_text(summary + "\n")
     (out / "summary.json").write_text(json.dumps(dict(costs=costs, results=results), indent=1))
-    print(f"\n## sd_profile ({args.teacher}; {time.perf_counter() - started:.0f} s; full output in {log})\n")
-    print(summary)
-    return results
+    return summary
 
 
 if __name__ == "__main__":
