@@ -152,7 +152,7 @@ def table(results, costs):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--cases", default=DEFAULT_CASES, help=f"comma-separated, in order: unet, {', '.join(CASES)}")
+    parser.add_argument("--cases", default=DEFAULT_CASES, help=f"comma-separated, run in order: unet, {', '.join(TRAIN)}, {', '.join(CASES)}")
     parser.add_argument("--teacher", default="sd15-random", choices=["sd15-random", "tiny"],
                         help="tiny: small settings on CPU, to check the code path")
     parser.add_argument("--out", default="runs/bench", help="folder of the runs, log.txt and summary.{json,md}")

@@ -91,8 +91,10 @@ def unet_case(name, unet, batch, latent, device, dtype, lora_rank=8):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--teacher", default="sd15-random", choices=["sd15-random", "tiny"])
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--teacher", default="sd15-random", choices=["sd15-random", "tiny"],
+                        help="the UNet and VAE shapes (random weights): SD1.5's, or the tests' tiny ones")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cuda: bf16 autocast over bf16 frozen weights, as the scripts; cpu: float32")
     parser.add_argument("--batch", type=int, default=16, help="UNet images per call (issue 5: 16)")
     parser.add_argument("--vae-batch", type=int, default=8, help="VAE decodes per call (issue 5: 8)")
     parser.add_argument("--reps", type=int, default=10, help="timed calls per case (median)")
