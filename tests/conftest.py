@@ -36,3 +36,29 @@ def dynamo_graphs(monkeypatch):
         return graphs
     yield compile_traced
     torch._dynamo.reset()
+
+
+@pytest.fixture(scope="session")
+def sd15_hub_cache(tmp_path_factory):
+    """A Hugging Face hub cache holding the tiny random pipeline under SD1.5's hub id, so that `--teacher sd15`
+    (the users' hub path: alias -> hub id -> from_pretrained) runs offline: HF_HUB_OFFLINE=1, HF_HUB_CACHE=this.
+    -> (cache folder, the pipeline that was saved)."""
+    import redif
+    cache = tmp_path_factory.mktemp("hub")
+    repo = cache / "models--stable-diffusion-v1-5--stable-diffusion-v1-5"
+    commit = "0" * 40
+    pipe = redif.build_offline_pipeline("tiny")
+    pipe.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return cache, pipe
+
+
+def run_offline_hub(cache, code):
+    """Run python `code` in the repo root with the hub offline and `cache` as its cache -> its stdout."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), PYTHONPATH=root)
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout

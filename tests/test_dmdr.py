@@ -389,6 +389,22 @@ def test_local_diffusers_folder_loads_as_the_teacher(tmp_path):
     assert loaded[3]("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
 
 
+def test_sd15_alias_loads_the_hub_id_through_the_hub_cache(sd15_hub_cache):
+    """--teacher sd15 -> stable-diffusion-v1-5/stable-diffusion-v1-5 through from_pretrained, here from an offline
+    hub cache holding the tiny pipeline."""
+    import json
+    from conftest import run_offline_hub
+    cache, saved = sd15_hub_cache
+    out = run_offline_hub(cache, """if True:
+        import json, dmdr
+        unet, vae, text_encoder, tokenizer = dmdr.load_teacher("sd15")
+        print(json.dumps(dict(unet={k: v.double().sum().item() for k, v in unet.state_dict().items()},
+                              ids=tokenizer("a photo of a cat").input_ids)))""")
+    loaded = json.loads(out.strip().splitlines()[-1])
+    assert loaded["unet"] == {k: v.double().sum().item() for k, v in saved.unet.state_dict().items()}
+    assert loaded["ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
 def test_bf16_precision_keeps_trainables_fp32_tracks_fp32_and_saves_fp32_weights(prompt_file, tmp_path):
     """--precision bf16 is the CUDA path (frozen base, VAE, text encoder and CLIP bf16 under bf16 autocast; LoRAs
     fp32); it also runs on CPU, so its dtype handling is tested here: the scores and the DMD + ReFL gradient

@@ -499,6 +499,30 @@ def test_local_diffusers_folder_loads_as_the_teacher(tmp_path):
     assert pipe.scheduler.config.timestep_spacing == "trailing"
 
 
+def test_sd15_alias_loads_the_hub_id_through_the_hub_cache(sd15_hub_cache, tmp_path):
+    """--teacher sd15 resolves to stable-diffusion-v1-5/stable-diffusion-v1-5 and loads it with from_pretrained,
+    here from an offline hub cache holding the tiny pipeline (no weights can be downloaded here); a hub id that
+    is not there is a one-line error."""
+    import json
+    from conftest import run_offline_hub
+    cache, saved = sd15_hub_cache
+    out = run_offline_hub(cache, """if True:
+        import json, redif
+        pipe = redif.load_pipeline(redif.parse_args(["--teacher", "sd15"]))
+        print(json.dumps(dict(unet={k: v.double().sum().item() for k, v in pipe.unet.state_dict().items()},
+                              ids=pipe.tokenizer("a photo of a cat").input_ids,
+                              spacing=pipe.scheduler.config.timestep_spacing)))
+        try:
+            redif.load_pipeline(redif.parse_args(["--teacher", "nobody/not-in-the-cache"]))
+        except SystemExit as e:
+            print(json.dumps(str(e)))""")
+    lines = out.strip().splitlines()
+    loaded, message = json.loads(lines[-2]), json.loads(lines[-1])
+    assert loaded["unet"] == {k: v.double().sum().item() for k, v in saved.unet.state_dict().items()}
+    assert loaded["ids"] == [49406, 320, 1125, 539, 320, 2368, 49407] and loaded["spacing"] == "trailing"
+    assert message.startswith("error: could not load teacher 'nobody/not-in-the-cache'") and "\n" not in message
+
+
 def test_frechet_distance_of_gaussians():
     g = torch.Generator().manual_seed(5)
     a = torch.randn(4000, 3, generator=g, dtype=torch.float64)
