@@ -13,6 +13,7 @@ output goes to <out>/log.txt, the table to <out>/summary.md and the figures to <
     python bench/sd_profile.py --teacher tiny --out runs/bench-tiny   # every default case on CPU: the code path
 """
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -218,8 +219,23 @@ def run_case(case, args, out, log):
     return result
 
 
+@functools.lru_cache(maxsize=1)
+def machine():
+    """'<GPU> (driver ...), torch ..., diffusers ..., <date>', without touching CUDA in this process (the cases
+    need the GPU)."""
+    from importlib.metadata import version
+    try:
+        gpus = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30).stdout.split("\n")
+    except (OSError, subprocess.TimeoutExpired):
+        gpus = []
+    gpu = next((f"{name} (driver {driver})" for name, _, driver in (g.partition(", ") for g in gpus) if driver),
+               "no GPU")
+    return f"{gpu}, torch {version('torch')}, diffusers {version('diffusers')}, {time.strftime('%Y-%m-%d')}"
+
+
 def write_summary(out, results, costs):
-    summary = table(results, costs)
+    summary = f"{machine()}\n\n" + table(results, costs)
     if costs:
         summary += ("\n\nmeasured eager costs here, ms per image: " +
                     ", ".join(f"{k} {v * 1000:.2f}" for k, v in costs.items()))
