@@ -32,8 +32,9 @@ def test_dmd_gradient_is_g_over_numel(shape, seed, scale):
     dmd_loss(x, x0_real, x0_fake).backward()
     norm = (x - x0_real).abs().flatten(1).mean(1).reshape((-1,) + (1,) * (len(shape) - 1))
     expected = (x0_fake - x0_real) / (norm * x.numel())  # g / N: descent moves x toward x0_real
-    # dmd_loss forms g as (x - x0_real) - (x - x0_fake): float64 cancellation of up to a few ulps of the operands
-    rounding = 8 * torch.finfo(DTYPE).eps * (x.abs() + x0_real.abs() + x0_fake.abs()).detach() / (norm * x.numel())
+    # the loss's target is x - g, so autograd's x - (x - g) recovers g to a few ulps of x (and of the x0s): float64
+    # rounding at the operands' scale, not a wrong gradient (which is off by O(|g| / N))
+    rounding = 8 * torch.finfo(DTYPE).eps * (x.abs() + x0_real.abs() + x0_fake.abs()).detach() / x.numel()
     assert ((x.grad - expected).abs() <= 1e-10 * expected.abs() + rounding).all()
 
 
