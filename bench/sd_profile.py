@@ -98,8 +98,8 @@ def sample_saved(case, run_dir, code, seconds, args, log):
     device = "cpu" if args.teacher == "tiny" else "cuda"
     cmd = [sys.executable, "-c", SAMPLE_SAVED, str(run_dir / folder), str(config["steps"]), str(guidance), device]
     code, more = run(cmd, log, args.case_timeout)
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if '"phase": "eval"' in line or '"eval_' in line]
+    evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if any(k.startswith("eval_") for k in r)]  # redif: "eval" lines; dmdr: eval_* in iteration lines
     result.update(seconds=seconds + more, eval=evals[-1] if evals else None,
                   status=f"ok: trained, evaluated, saved; stock pipeline sampled in {config['steps']} steps"
                   if code == 0 else f"trained and saved, but stock sampling failed ({code})")
@@ -109,7 +109,8 @@ def sample_saved(case, run_dir, code, seconds, args, log):
 def image_counts(script, row):
     """The profile line's images by cost: {"forward", "train", "train lora", "vae decode"} -> count."""
     if script == "redif.py":
-        return {"forward": row["unet_forward"], "train": row["unet_forward_backward"], "vae decode": row["vae_decode"]}
+        return {"forward": row["unet_forward"], "train": row["unet_forward_backward"], "train lora": 0,
+                "vae decode": row["vae_decode"]}
     counts = {"forward": 0, "train": 0, "train lora": 0, "vae decode": 0}
     for key, n in row["evals"].items():
         kind, grad = key.rsplit(" ", 1)
@@ -124,7 +125,7 @@ def floor_here(counts, costs, trains):
     """Seconds at this machine's measured eager per-image costs (bench/unet_rate.py)."""
     train = costs["train lora" if trains == "lora" else "train full"]
     return (counts["forward"] * costs["forward"] + counts["train"] * train
-            + counts.get("train lora", 0) * costs["train lora"] + counts["vae decode"] * costs["vae decode"])
+            + counts["train lora"] * costs["train lora"] + counts["vae decode"] * costs["vae decode"])
 
 
 def table(results, costs):
@@ -144,7 +145,7 @@ def table(results, costs):
         cells = [f"ok ({r['seconds']:.0f} s)", f"{wall:.2f}", f"{row['floor_s'] / n:.2f}", f"{row['wall_over_floor']:.2f}",
                  "-" if here is None else f"{here:.2f}", "-" if here is None else f"{wall / here:.2f}",
                  "-" if row.get("peak_gib") is None else f"{row['peak_gib']:.1f}",
-                 f"{r['counts']['forward'] // n} / {(r['counts']['train'] + r['counts'].get('train lora', 0)) // n}",
+                 f"{r['counts']['forward'] // n} / {(r['counts']['train'] + r['counts']['train lora']) // n}",
                  phases]
         lines.append(f"| {r['case']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -153,7 +154,8 @@ def table(results, costs):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--cases", default=DEFAULT_CASES, help=f"comma-separated, run in order: unet, {', '.join(TRAIN)}, {', '.join(CASES)}")
+    parser.add_argument("--cases", default=DEFAULT_CASES,
+                        help=f"comma-separated, run in order: unet, {', '.join(TRAIN)}, {', '.join(CASES)}")
     parser.add_argument("--teacher", default="sd15-random", choices=["sd15-random", "tiny"],
                         help="tiny: small settings on CPU, to check the code path")
     parser.add_argument("--out", default="runs/bench", help="folder of the runs, log.txt and summary.{json,md}")
