@@ -897,7 +897,8 @@ def profile(m, cfg, opt_g, opt_f, step, train_prompts, metrics_path):
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     print(f"\n## dmdr --profile {cfg.profile} (after {warm} warm-up iterations; no evaluation or checkpoint)\n\n"
           "| phase | seconds | share |\n|---|---:|---:|")
-    for k in ("sec_generator", "sec_fake", "sec_rl", "sec_other"):  # sec_rl: ReFL's reward backward in, DPO/GRPO's in generator
+    # sec_rl holds ReFL's reward backward; DPO's and GRPO's backward is in sec_generator
+    for k in ("sec_generator", "sec_fake", "sec_rl", "sec_other"):
         print(f"| {k[4:]} | {sec[k]:.3f} | {sec[k] / wall:.0%} |")
     print(f"| wall | {wall:.3f} | 100% |\n\n| evaluations (images) | count | floor ms/image |\n|---|---:|---:|")
     for k, n in sorted(counts.items()):

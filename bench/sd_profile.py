@@ -142,7 +142,8 @@ def table(results, costs):
         here = floor_here(r["counts"], costs, r["trains"]) / n if costs else None
         phases = ", ".join(f"{k[4:]} {v / n:.2f}" for k, v in row.items() if k.startswith("sec_"))
         wall = row["wall_s"] / n
-        cells = [f"ok ({r['seconds']:.0f} s)", f"{wall:.2f}", f"{row['floor_s'] / n:.2f}", f"{row['wall_over_floor']:.2f}",
+        cells = [f"ok ({r['seconds']:.0f} s)", f"{wall:.2f}", f"{row['floor_s'] / n:.2f}",
+                 f"{row['wall_over_floor']:.2f}",
                  "-" if here is None else f"{here:.2f}", "-" if here is None else f"{wall / here:.2f}",
                  "-" if row.get("peak_gib") is None else f"{row['peak_gib']:.1f}",
                  f"{r['counts']['forward'] // n} / {(r['counts']['train'] + r['counts']['train lora']) // n}",

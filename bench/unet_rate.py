@@ -146,7 +146,8 @@ def main(argv=None):
                  float("nan"), 0.0))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n## UNet and VAE per-image costs: {args.teacher}, {latent * 8} px, {dtype}, {name}, torch "
-          f"{torch.__version__}\n\n| variant | case | batch | ms / call | ms / image | TFLOP/s | peak GiB | s to measure |"
+          f"{torch.__version__}\n\n"
+          "| variant | case | batch | ms / call | ms / image | TFLOP/s | peak GiB | s to measure |"
           "\n|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} | {r[4]:.2f} | {r[5]:.0f} | {r[6]:.1f} | {r[7]:.0f} |")
