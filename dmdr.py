@@ -42,6 +42,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import tempfile
 import threading
@@ -104,7 +105,8 @@ class Config:
     dynars_steps: int = flag(10000, "DynaRS horizon S in generator steps (E11)")
     rl: str = flag("refl", "RL branch (E12): ReFL, Diffusion-DPO on reward-ranked pairs, GRPO, or none",
                    choices=["none", "refl", "dpo", "grpo"])
-    rl_weight: float = flag(None, "lambda_rl in L = L_dmd + lambda_rl L_rl (default 0.05, official demo); needs --rl")
+    rl_weight: float = flag(None, "lambda_rl in L = L_dmd + lambda_rl L_rl (default 0.05: the official demo's, for "
+                            "ReFL; DPO's and GRPO's losses have other scales: tune it); needs --rl")
     rl_start: int = flag(20000, "generator step at which the RL branch starts (cold start; official demo 20k)")
     reward: str = flag("clip_text=1", "reward terms name=weight,...; clip_text: open_clip text-image cosine; "
                        "aesthetic: LAION's aesthetic predictor (~1-10: a weight ~0.05 puts it on clip_text's scale)")
@@ -217,10 +219,14 @@ def validate(cfg):
         fail(f"{out} already holds a run", "pass --resume to continue it, or choose another --out")
     if cfg.resume:
         saved = json.loads((out / "config.json").read_text())
-        free = {"iters", "resume", "device", "eval_every", "save_every", "profile", "compile", "gradient_checkpointing"}
+        free = {"iters", "resume", "device", "eval_every", "save_every", "profile", "compile", "gradient_checkpointing",
+                "lr", "fake_lr", "max_grad_norm"}  # a resume may lower the lrs (the fix of a non-finite loss)
         changed = [k for k, v in asdict(cfg).items() if k not in free and saved.get(k, v) != v]
         if changed:
             fail(f"--resume with different settings: {', '.join(changed)}", "resume with the values in config.json")
+        for k in sorted(free - {"resume"}):
+            if k in saved and saved[k] != getattr(cfg, k):
+                print(f"resume: {k} {saved[k]} -> {getattr(cfg, k)}")
     return prompts[:-cfg.num_eval_prompts], prompts[-cfg.num_eval_prompts:]
 
 
@@ -325,6 +331,7 @@ class Models:
     ctx: object  # () -> a fresh bf16 autocast context (--precision bf16, the default on CUDA) or nullcontext
     lora_generator: bool
     uncond: torch.Tensor = None  # (1, 77, D) embedding of "" for CFG
+    dpo_ref: dict = None  # --rl dpo: the generator's trainable weights as RL started (DPO's reference)
 
 
 def lora_params(unet, adapter):
@@ -400,6 +407,34 @@ def use_adapter(unet, name=None, scale=1.0):
     else:
         unet.enable_adapters()
         unet.set_adapters([name], weights=[scale])
+
+
+def generator_params(m):
+    """name -> the generator's trainable parameters: its LoRA on the shared UNet, or the whole copy."""
+    if m.lora_generator:
+        return {n: p for n, p in m.unet.named_parameters() if ".generator." in n}
+    return dict(m.gen_unet.named_parameters())
+
+
+def snapshot_generator(m):
+    """A frozen copy of the generator's weights, in the frozen parts' dtype (it only runs under autocast)."""
+    dtype = next(m.vae.parameters()).dtype  # frozen_dtype
+    return {n: p.detach().to(dtype, copy=True) for n, p in generator_params(m).items()}
+
+
+@contextlib.contextmanager
+def dpo_reference(m):
+    """The generator with DPO's reference weights (m.dpo_ref) swapped in by pointer for the block."""
+    params = generator_params(m)
+
+    def swap():
+        for n, ref in m.dpo_ref.items():
+            params[n].data, ref.data = ref.data, params[n].data
+    swap()
+    try:
+        yield
+    finally:
+        swap()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -562,12 +597,23 @@ def sample_generator(m, z, emb, generator=None):
     return generator_x0(m, generator_rollout(m, z, emb, K - 1, generator), m.timesteps[K - 1], emb)
 
 
-def backward_simulation(m, z, emb):
-    """DMD2's backward simulation: a random step k, the earlier k steps without grad, x0 of step k -> (k, x, x0)."""
-    k = int(torch.randint(len(m.timesteps), (1,)).item())
-    with torch.no_grad():
-        x = generator_rollout(m, z, emb, k)
-    return k, x, generator_x0(m, x, m.timesteps[k], emb)
+def backward_simulation(m, z, emb, k):
+    """DMD2's backward simulation: sample i runs the generator's first k[i] steps from z (B, 4, h, w) without
+    grad, and its x0 at step k[i] is returned, with grad if grad is enabled. The samples still running share one
+    UNet call per step, so a stack of batches costs K calls, not K per batch. A call in which some sample stops
+    runs with grad (if enabled) for all it holds: a batch trained with grad takes one k (DMD2 draws one per batch)."""
+    ts, grad = m.timesteps, torch.is_grad_enabled()
+    x, alive, parts = z, torch.arange(len(z)), []
+    for j in range(int(k.max()) + 1):
+        noise = torch.randn_like(z)  # drawn for all B, so a sample's noise does not depend on the others' k
+        stop = k[alive] == j
+        with torch.set_grad_enabled(grad and bool(stop.any())):
+            x0 = generator_x0(m, x, ts[j], emb[alive])
+        parts.append((alive[stop], x0[stop]))
+        alive = alive[~stop]
+        x = add_noise(x0[~stop].detach(), noise[alive], m.alphas_cumprod[ts[j + 1]]) if len(alive) else None
+    order = torch.cat([i for i, _ in parts]).argsort()
+    return torch.cat([x0 for _, x0 in parts])[order]
 
 
 @torch.no_grad()
@@ -650,7 +696,7 @@ def clip_features(m, images, clip=None):
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     clip = m.clip if clip is None else clip
     size = clip.visual.image_size
-    x = F.interpolate((images + 1) / 2, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+    x = F.interpolate((images + 1) / 2, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
     mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
     with m.ctx():
         return F.normalize(clip.encode_image((x - mean) / std).float(), dim=-1)
@@ -687,8 +733,18 @@ def fake_score_loss(m, x0, emb, t, noise):
     return F.mse_loss(unet_eps(m, m.unet, add_noise(x0, noise, m.alphas_cumprod[t]), t, emb), noise)
 
 
-def refl_loss(m, cfg, x0, prompts):
-    """E12 ReFL: L_rl = -R(decode(G(z)), c), backpropagated through the VAE decoder and CLIP.
+def refl_loss(m, cfg, emb, prompts):
+    """E12 ReFL: L_rl = -R(decode(G(z)), c), backpropagated through the VAE decoder and CLIP, on the generator's
+    output: its K steps from fresh noise, the last with grad (the image a user gets, as for DPO and GRPO; not
+    backward simulation's x0 of a random step, whose early, blurrier estimates the toy saw climb the reward
+    while the final samples did not)."""
+    z = torch.randn(len(prompts), *latent_shape(m), device=m.device)
+    x0 = backward_simulation(m, z, emb, torch.full((len(prompts),), len(m.timesteps) - 1))
+    return reward_surrogate(m, cfg, x0, prompts)
+
+
+def reward_surrogate(m, cfg, x0, prompts):
+    """-R(decode(x0), prompts) as a loss in x0 (B, 4, h, w) -> (loss, rewards (B,)).
 
     The decoder's activations for that backward are the largest of the run (about 2.8 GiB per 512 px image in
     bf16, against 0.9 for the UNet's), so dL_rl/dx0 is computed here image by image, each image's decoder graph
@@ -706,8 +762,9 @@ def refl_loss(m, cfg, x0, prompts):
 
 
 def dpo_loss(m, cfg, emb, prompts):
-    """E12 DPO: two generator samples per prompt ranked by reward; Diffusion-DPO loss against the initial
-    generator (= the teacher: adapters off on the shared UNet) at a random grid timestep (our choice)."""
+    """E12 DPO: two generator samples per prompt ranked by reward; Diffusion-DPO loss against the generator as
+    RL started (as in toy/; Diffusion-DPO's reference is the model before DPO) at a random grid timestep (our
+    choice)."""
     B = len(prompts)
     z = torch.randn(2 * B, *latent_shape(m), device=m.device)
     with torch.no_grad():
@@ -719,9 +776,8 @@ def dpo_loss(m, cfg, emb, prompts):
     noise = torch.randn_like(x_w)
     x_t = add_noise(torch.cat([x_w, x_l]), torch.cat([noise, noise]), m.alphas_cumprod[torch.cat([t, t])])
     t2, emb2 = torch.cat([t, t]), torch.cat([emb, emb])
-    with torch.no_grad():
-        use_adapter(m.unet, None)
-        err_ref = (unet_eps(m, m.unet, x_t, t2, emb2) - noise.repeat(2, 1, 1, 1)).pow(2).mean(dim=(1, 2, 3))
+    with torch.no_grad(), dpo_reference(m):
+        err_ref = (generator_eps(m, x_t, t2, emb2) - noise.repeat(2, 1, 1, 1)).pow(2).mean(dim=(1, 2, 3))
     err = (generator_eps(m, x_t, t2, emb2) - noise.repeat(2, 1, 1, 1)).pow(2).mean(dim=(1, 2, 3))
     diff = (err[:B] - err_ref[:B]) - (err[B:] - err_ref[B:])  # (B,) winner's gain minus loser's
     return -F.logsigmoid(-0.5 * cfg.dpo_beta * diff).mean(), r.detach()
@@ -762,11 +818,14 @@ def check_finite(name, value, it):
 
 
 def generator_update(m, cfg, opt_g, step, prompts):
-    """One generator update: DMD (E8) at a DynaRS time (E11) against the DynaDG real score (E10), + RL (E12)."""
+    """One generator update: DMD (E8) at a DynaRS time (E11) against the DynaDG real score (E10), + RL (E12).
+    L_dmd is backpropagated before the RL branch builds its graph: the same gradient as backpropagating their
+    sum, with the peak memory of the larger graph rather than of both."""
     t0 = time.perf_counter()
     emb, uncond = encode_prompts(m, prompts), m.uncond
     z = torch.randn(len(prompts), *latent_shape(m), device=m.device)
-    _, _, x0 = backward_simulation(m, z, emb)  # (B, 4, h, w), with grad
+    k = torch.randint(len(m.timesteps), (1,)).expand(len(prompts))
+    x0 = backward_simulation(m, z, emb, k)  # (B, 4, h, w), with grad
     lam = dynadg_scale(step, cfg.dynadg_lambda0, cfg.dynadg_steps) if cfg.dynadg else 0.0  # E10
     t = sample_renoise_timesteps(len(prompts), step, cfg.dynars_a0, cfg.dynars_b0, cfg.dynars_steps,
                                  dynamic=cfg.dynars).to(m.device)  # E11
@@ -775,20 +834,18 @@ def generator_update(m, cfg, opt_g, step, prompts):
         x0_real = real_x0(m, x_t, t, emb, uncond, cfg.real_guidance, lam)
         x0_fake = fake_x0(m, x_t, t, emb)
     loss_dmd = dmd_loss(x0, x0_real, x0_fake)  # E8
-    loss, rl, reward, sec_rl = loss_dmd, None, None, 0.0
+    check_finite("DMD loss", loss_dmd, step + 1)
+    opt_g.zero_grad(set_to_none=True)
+    generator_backward(m, loss_dmd)
+    rl, reward, sec_rl = None, None, 0.0
     if cfg.rl != "none" and step >= cfg.rl_start:
         t1 = time.perf_counter()
-        if cfg.rl == "refl":
-            rl, reward = refl_loss(m, cfg, x0, prompts)
-        else:
-            rl, reward = (dpo_loss if cfg.rl == "dpo" else grpo_loss)(m, cfg, emb, prompts)
-        loss = loss_dmd + cfg.rl_weight * rl  # E12: L = L_dmd + lambda_rl L_rl
+        if cfg.rl == "dpo" and m.dpo_ref is None:
+            m.dpo_ref = snapshot_generator(m)
+        rl, reward = {"refl": refl_loss, "dpo": dpo_loss, "grpo": grpo_loss}[cfg.rl](m, cfg, emb, prompts)
+        check_finite("RL loss", rl, step + 1)
+        generator_backward(m, cfg.rl_weight * rl)  # E12: L = L_dmd + lambda_rl L_rl
         sec_rl = time.perf_counter() - t1
-    check_finite("DMD loss", loss_dmd, step + 1), check_finite("RL loss", loss, step + 1)
-    if m.lora_generator:
-        use_adapter(m.unet, "generator")  # its weights must require grad while the graph is backpropagated
-    opt_g.zero_grad(set_to_none=True)
-    loss.backward()
     params = [p for g in opt_g.param_groups for p in g["params"]]
     check_finite("generator gradient", torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm), step + 1)
     opt_g.step()
@@ -798,23 +855,34 @@ def generator_update(m, cfg, opt_g, step, prompts):
             "sec_generator": time.perf_counter() - t0 - sec_rl, "sec_rl": sec_rl}
 
 
+def generator_backward(m, loss):
+    if m.lora_generator:
+        use_adapter(m.unet, "generator")  # its weights must require grad while the graph is backpropagated
+    loss.backward()
+
+
 def beta_mean(cfg, step):
     a, b = dynars_beta(step, cfg.dynars_a0, cfg.dynars_b0, cfg.dynars_steps) if cfg.dynars else (1.0, 1.0)
     return a / (a + b)  # mean of u: renoise at t ~ 20 + 960 * this on average
 
 
 def fake_updates(m, cfg, opt_f, step, train_prompts):
-    """`fake_updates` steps of the fake score (E9) on fresh detached generator samples (two time-scale)."""
-    t0, losses = time.perf_counter(), []
-    for _ in range(cfg.fake_updates):
-        prompts = pick_prompts(train_prompts, cfg.batch_size)
+    """`fake_updates` steps of the fake score (E9) on fresh detached generator samples (two time-scale). The
+    generator does not change across them, so one backward simulation (a k per sample, as in toy/) draws the
+    samples of all of them: UNet calls of fake_updates x batch_size images instead of batch_size. Without grad
+    their activations are smaller than those of the generator update's batch with grad."""
+    t0, losses, n, B = time.perf_counter(), [], cfg.fake_updates, cfg.batch_size
+    if n:
+        prompts = pick_prompts(train_prompts, n * B)
         emb = encode_prompts(m, prompts)
-        z = torch.randn(len(prompts), *latent_shape(m), device=m.device)
+        z = torch.randn(n * B, *latent_shape(m), device=m.device)
         with torch.no_grad():
-            x0 = backward_simulation(m, z, emb)[2]
-        t = sample_renoise_timesteps(len(prompts), step, cfg.dynars_a0, cfg.dynars_b0, cfg.dynars_steps,
+            x0 = backward_simulation(m, z, emb, torch.randint(len(m.timesteps), (n * B,)))
+    for i in range(n):
+        batch = slice(i * B, (i + 1) * B)
+        t = sample_renoise_timesteps(B, step, cfg.dynars_a0, cfg.dynars_b0, cfg.dynars_steps,
                                      dynamic=cfg.dynars).to(m.device)  # E11 also for the fake loss
-        loss = fake_score_loss(m, x0, emb, t, torch.randn_like(x0))
+        loss = fake_score_loss(m, x0[batch], emb[batch], t, torch.randn_like(x0[batch]))
         check_finite("fake-score loss", loss, step + 1)
         opt_f.zero_grad(set_to_none=True)
         loss.backward()
@@ -897,7 +965,7 @@ def profile(m, cfg, opt_g, opt_f, step, train_prompts, metrics_path):
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     print(f"\n## dmdr --profile {cfg.profile} (after {warm} warm-up iterations; no evaluation or checkpoint)\n\n"
           "| phase | seconds | share |\n|---|---:|---:|")
-    # sec_rl holds ReFL's reward backward; DPO's and GRPO's backward is in sec_generator
+    # sec_rl: the RL branch's forward and backward (sampling, reward, its loss)
     for k in ("sec_generator", "sec_fake", "sec_rl", "sec_other"):
         print(f"| {k[4:]} | {sec[k]:.3f} | {sec[k] / wall:.0%} |")
     print(f"| wall | {wall:.3f} | 100% |\n\n| evaluations (images) | count | floor ms/image |\n|---|---:|---:|")
@@ -965,14 +1033,30 @@ def generator_state(m):
     return m.gen_unet.state_dict()
 
 
+def atomic_write(path, obj):
+    """Temp file, fsync, rename: a crash mid-write never leaves a broken file (obj: str, or for torch.save)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w" if isinstance(obj, str) else "wb") as f:
+        f.write(obj) if isinstance(obj, str) else torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def parse_json(line):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 def save_checkpoint(path, m, opt_g, opt_f, step):
-    state = {"step": step, "generator": generator_state(m),
+    state = {"step": step, "generator": generator_state(m), "dpo_ref": m.dpo_ref,
              "fake": {n: p.detach().clone() for n, p in m.unet.named_parameters() if ".fake." in n},
              "opt_g": opt_g.state_dict(), "opt_f": opt_f.state_dict(),
              "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-    torch.save(state, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)  # atomic: a crash mid-save never leaves a broken checkpoint
+    atomic_write(path, state)
 
 
 def load_checkpoint(path, m, opt_g, opt_f):
@@ -986,6 +1070,7 @@ def load_checkpoint(path, m, opt_g, opt_f):
                 params[n].copy_(v)
         else:
             m.gen_unet.load_state_dict(state["generator"])
+    m.dpo_ref = state.get("dpo_ref")
     opt_g.load_state_dict(state["opt_g"]), opt_f.load_state_dict(state["opt_f"])
     random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"].cpu())
@@ -1012,7 +1097,13 @@ def save_generator(m, cfg, folder):
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    pipe.save_pretrained(folder)
+    tmp, old = Path(f"{folder}.tmp"), Path(f"{folder}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)  # then swapped in: a crash never leaves a half-written generator folder
+    if Path(folder).exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1031,17 +1122,21 @@ def main(argv=None):
 
     m = build_models(cfg, device)  # a teacher or reward model that fails to load leaves no run folder behind
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    atomic_write(out / "config.json", json.dumps(asdict(cfg), indent=2))  # on --resume: with the changes above
     m.uncond = encode_prompts(m, [""])  # (1, 77, D)
     gen_params = lora_params(m.unet, "generator") if m.lora_generator else list(m.gen_unet.parameters())
     opt_g = torch.optim.AdamW(gen_params, lr=cfg.lr)
     opt_f = torch.optim.AdamW(lora_params(m.unet, "fake"), lr=cfg.fake_lr)
     torch.manual_seed(cfg.seed)  # training draws start here, whatever model building consumed
     step = load_checkpoint(ckpt, m, opt_g, opt_f) if cfg.resume else 0
+    for opt, lr in ((opt_g, cfg.lr), (opt_f, cfg.fake_lr)):
+        for group in opt.param_groups:
+            group["lr"] = lr  # the checkpoint's optimiser state carries the old lr
     metrics_path = out / "metrics.jsonl"
     lines = metrics_path.read_text().splitlines() if cfg.resume and metrics_path.exists() else []
-    kept = [ln + "\n" for ln in lines if json.loads(ln)["iter"] <= step]  # lines after the checkpoint are redone
-    metrics_path.write_text("".join(kept))
+    rows = [(line, parse_json(line)) for line in lines]  # a line cut short by a crash does not parse: dropped
+    atomic_write(metrics_path, "".join(line + "\n" for line, row in rows  # lines after the checkpoint are redone
+                                       if row is not None and row["iter"] <= step))
     if cfg.profile:
         return profile(m, cfg, opt_g, opt_f, step, train_prompts, metrics_path)
 
@@ -1052,7 +1147,7 @@ def main(argv=None):
         stop["requested"] = True
     main_thread = threading.current_thread() is threading.main_thread()
     old_handler = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
-    cache = {}
+    cache, saved = {}, step if cfg.resume else None  # saved: the iteration of the checkpoint on disk
     try:
         bar = tqdm(range(step, cfg.iters), initial=step, total=cfg.iters, desc="dmdr", disable=None)
         for step in bar:
@@ -1066,17 +1161,18 @@ def main(argv=None):
             bar.set_postfix(dmd=f"{row['dmd_loss']:.4f}", fake=f"{row['fake_loss']:.4f}")
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.iters or stop["requested"]:
                 save_checkpoint(ckpt, m, opt_g, opt_f, step + 1)
+                saved = step + 1
             if stop["requested"]:
                 print(f"interrupted: checkpoint at iteration {step + 1} in {ckpt} (continue with --resume)")
                 return
         save_generator(m, cfg, out / "generator")
         print(f"done: generator in {out / 'generator'}, metrics in {metrics_path}")
-    except NonFinite as e:  # parameters are still finite (checked before every optimiser step): keep them
-        save_checkpoint(ckpt, m, opt_g, opt_f, step)
-        fail(str(e), f"lower --lr/--fake-lr or --real-guidance; the last finite state is in {ckpt}, --resume continues")
-    except KeyboardInterrupt:
-        save_checkpoint(ckpt, m, opt_g, opt_f, step)
-        print(f"interrupted: checkpoint at iteration {step} in {ckpt} (continue with --resume)")
+    except NonFinite as e:  # mid-iteration (some updates of it made): not a state to resume from; keep the last one
+        fail(str(e), f"lower --lr/--fake-lr, then --resume from {ckpt} (iteration {saved})" if saved is not None
+             else f"lower --lr/--fake-lr and start in a fresh --out (no checkpoint yet: one every --save-every)")
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, mid-iteration; the last checkpoint stays
+        print(f"aborted in iteration {step + 1}; " + (f"{ckpt} (iteration {saved}) continues with --resume"
+                                                     if saved is not None else "no checkpoint was saved"))
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, old_handler)

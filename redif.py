@@ -20,7 +20,7 @@ The student lands in <out>/student as a stock diffusers pipeline (LoRA merged, n
 Precision (--precision, default bf16 on CUDA): frozen parts in bf16 under a bf16 autocast, trainable weights and
 AdamW fp32 (also runnable, and tested, on CPU); SDPA attention (diffusers' default processor on torch 2);
 optional --gradient-checkpointing and --compile. Ctrl-C finishes the current iteration, saves a checkpoint and exits;
---resume continues exactly.
+--resume continues exactly (a lower --lr or another --max-grad-norm may be passed; config.json records them).
 """
 import argparse
 import contextlib
@@ -33,6 +33,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -490,11 +491,23 @@ class TeacherCache:
         return torch.stack(recorded + [x], dim=1)
 
 
-def atomic_save(obj, path):
-    """Write then rename: a crash or a concurrent run never leaves a half-written file."""
+def atomic_write(path, write, mode="wb"):
+    """Write a temp file, fsync, rename: a crash or a concurrent run never leaves a half-written file (without the
+    fsync a crash soon after the rename can leave an empty one on some file systems)."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(obj, tmp)
+    with open(tmp, mode) as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def atomic_save(obj, path):
+    atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def atomic_write_text(path, text):
+    atomic_write(path, lambda fh: fh.write(text), mode="w")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -579,8 +592,10 @@ def load_reward_models(cfg, weights, device):
 
 
 def _prepare(images, size, mean, std):
-    """Images in [-1, 1] (B, 3, H, W) -> resized to size x size, normalised."""
-    x = F.interpolate((images.float() + 1) / 2, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    """Images in [-1, 1] (B, 3, H, W) -> resized to size x size, normalised. Antialiased, as open_clip's and
+    DINOv2's own preprocessing (PIL / torchvision); 512 -> 224 without it aliases fine detail."""
+    x = F.interpolate((images.float() + 1) / 2, size=(size, size), mode="bicubic", align_corners=False,
+                      antialias=True).clamp(0, 1)
     return (x - x.new_tensor(mean).view(1, 3, 1, 1)) / x.new_tensor(std).view(1, 3, 1, 1)
 
 
@@ -747,8 +762,14 @@ def policy_loss_step(models, latents, old_log_probs, advantages, cond, k, t, t_p
         kl = gaussian_kl(mean, ref_mean, std)  # E6
         loss = loss + cfg.beta * kl.mean()
     log_ratio = (log_prob - old_log_probs[:, k]).detach()
+    ratio_err = (log_ratio.exp() - 1).abs()
     return loss, dict(kl=kl.mean().item(), approx_kl=0.5 * (log_ratio**2).mean().item(),
-                      clipfrac=((log_ratio.exp() - 1).abs() > cfg.clip_range).float().mean().item())
+                      clipfrac=(ratio_err > cfg.clip_range).float().mean().item(), ratio_err=ratio_err.max().item())
+
+
+def build_optimizer(models):
+    params = [p for p in models.student.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=models.cfg.lr, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)  # DDPO's
 
 
 def optimiser_step(models, optimizer):
@@ -759,9 +780,12 @@ def optimiser_step(models, optimizer):
 
 
 def rl_update(models, optimizer, rollout, advantages, generator):
-    """PPO-style passes over the iteration's rollouts; gradients accumulate over the K steps of a minibatch."""
+    """PPO-style passes over the iteration's rollouts; gradients accumulate over the K steps of a minibatch.
+    *_first: the first minibatch, before any optimiser step, where the ratio differs from 1 by numerics alone
+    (0 on CPU; on CUDA bf16 the rollouts ran at batch P*G, the recomputation runs at --train-batch, so kernels
+    differ, and a |ratio - 1| near --clip-range would clip the update away)."""
     latents, old_log_probs, cond = rollout  # (B, K+1, 4, h, w), (B, K), (B, 77, D)
-    cfg, logs = models.cfg, []
+    cfg, logs, first = models.cfg, [], None
     models.student.train()  # SD's UNet has no dropout; train() switches gradient checkpointing on
     for _ in range(cfg.inner_epochs):
         for minibatch in torch.randperm(len(latents), generator=generator).to(latents.device).chunk(cfg.minibatches):
@@ -770,10 +794,15 @@ def rl_update(models, optimizer, rollout, advantages, generator):
                     loss, stats = policy_loss_step(models, latents[mb], old_log_probs[mb], advantages[mb], cond[mb],
                                                    k, t, t_prev)
                     (loss * len(mb) / len(minibatch) / cfg.steps).backward()
-                    logs.append(dict(stats, loss=loss.item()))
+                    logs.append(dict(stats, loss=loss.item(), rows=len(mb)))
+            if first is None:
+                first = list(logs)
             optimiser_step(models, optimizer)
     models.student.eval()
-    return {key: float(np.mean([log[key] for log in logs])) for key in logs[0]}
+    record = {key: float(np.mean([log[key] for log in logs])) for key in ("loss", "kl", "approx_kl", "clipfrac")}
+    return dict(record, ratio_err_first=max(log["ratio_err"] for log in first),
+                clipfrac_first=float(np.average([log["clipfrac"] for log in first],
+                                                weights=[log["rows"] for log in first])))
 
 
 def bc_update(models, optimizer, teacher_states, cond):
@@ -976,9 +1005,24 @@ def save_student(models, folder):
         pipe.unet.unload_lora()
     else:
         pipe.unet.load_state_dict(state)
-    pipe.save_pretrained(folder)
-    with open(Path(folder) / "redif.json", "w") as fh:
-        json.dump(dict(num_inference_steps=cfg.steps, guidance_scale=cfg.student_guidance, eta=0.0), fh)
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # a save cut short earlier
+    pipe.save_pretrained(tmp)
+    (tmp / "redif.json").write_text(json.dumps(dict(num_inference_steps=cfg.steps, guidance_scale=cfg.student_guidance,
+                                                    eta=0.0)))
+    replace_folder(tmp, folder)
+
+
+def replace_folder(new, folder):
+    """Move the complete folder `new` to `folder`; an existing one is renamed aside first and removed last, so a
+    crash at any point leaves a whole student at `folder` or at `folder`.old, never a half-written one."""
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_prompts(cfg):
@@ -1001,6 +1045,8 @@ def validate(cfg):
     if not 1 <= cfg.steps < cfg.teacher_steps:
         fail(f"--steps {cfg.steps} must be at least 1 and below the teacher's {cfg.teacher_steps}",
              "choose fewer student steps, e.g. --steps 5")
+    for name, k in (("--steps", cfg.steps), ("--teacher-steps", cfg.teacher_steps)):
+        check_grid(name, k)
     if cfg.algo == "grpo" and cfg.group < 2:
         fail(f"--group {cfg.group}: GRPO normalises within a group and needs at least 2", "use --group 4 or --algo ppo")
     if min(cfg.group, cfg.prompts_per_iter, cfg.seed_pool, cfg.minibatches, cfg.train_batch) < 1:
@@ -1011,6 +1057,17 @@ def validate(cfg):
     if cfg.eval_pairs < 2:
         fail("--eval-pairs must be at least 2 (the Frechet distance needs a covariance)", "use --eval-pairs 16")
     return parse_reward(cfg.reward), load_prompts(cfg)
+
+
+def check_grid(name, k, num_train_timesteps=1000):
+    """The trailing grid's float arange gives K+1 timesteps for some K (61, 103, 121, ...; diffusers' too), and the
+    sampler and the cache need exactly K."""
+    if k > num_train_timesteps:
+        fail(f"{name} {k} is above the {num_train_timesteps} training timesteps", f"use {name} 50 or fewer")
+    if (n := len(trailing_timesteps(k, num_train_timesteps))) != k:
+        ok = (j for j in range(1, num_train_timesteps + 1) if len(trailing_timesteps(j, num_train_timesteps)) == j)
+        fail(f"{name} {k}: the trailing grid (as diffusers builds it) has {n} timesteps, not {k}",
+             f"use {name} {min(ok, key=lambda j: abs(j - k))}")
 
 
 def pick_device(cfg):
@@ -1028,13 +1085,50 @@ def check_out_dir(cfg, out):
         fail(f"{out} already holds a run", "pass --resume to continue it, or choose another --out")
 
 
+# settings a resumed run may change: they leave what was already trained alone (lr: e.g. after NaN rewards)
+RESUME_FREE = {"iters", "device", "eval_every", "ckpt_every", "teacher_batch", "max_nan_skips", "profile", "compile",
+               "gradient_checkpointing", "lr", "max_grad_norm"}
+
+
 def check_resume_config(cfg, out):
-    saved = json.loads((out / "config.json").read_text())
-    free = {"iters", "resume", "device", "eval_every", "ckpt_every", "teacher_batch", "max_nan_skips", "profile",
-            "compile", "gradient_checkpointing"}
-    changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in free and saved.get(k) != v]
+    """--resume keeps the run's settings but RESUME_FREE -> the changed free ones, {name: (old, new)}."""
+    saved, now = json.loads((out / "config.json").read_text()), dataclasses.asdict(cfg)
+    changed = [k for k, v in now.items() if k not in RESUME_FREE | {"resume"} and saved.get(k) != v]
     if changed:
         fail(f"--resume with different settings: {', '.join(changed)}", "resume with the values in config.json")
+    return {k: (saved.get(k), v) for k, v in now.items() if k in RESUME_FREE and saved.get(k) != v}
+
+
+def write_config(cfg, out):
+    atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+
+
+def metrics_until(path, step):
+    """The lines of metrics.jsonl up to a checkpoint at `step` (its eval included); a line cut short by a kill
+    mid-write does not parse and is dropped."""
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if r["iter"] < step or (r["phase"] == "eval" and r["iter"] <= step):
+            keep.append(line)
+    return keep
+
+
+def resume_run(out, changed, models, optimizer, tracker):
+    """--resume: load the checkpoint, put the settings now in force into the optimiser and config.json, cut
+    metrics.jsonl back to the checkpoint (a temp file, then a rename) -> step, nan_state."""
+    step, nan_state = load_checkpoint(out / "checkpoint.pt", models, optimizer, tracker)
+    for group in optimizer.param_groups:  # load_state_dict brought back the lr the checkpoint was saved with
+        group["lr"] = models.cfg.lr
+    if changed:
+        print("resume: " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+    write_config(models.cfg, out)
+    keep = metrics_until(out / "metrics.jsonl", step)
+    atomic_write_text(out / "metrics.jsonl", "".join(line + "\n" for line in keep))
+    return step, nan_state
 
 
 def train_iteration(models, rm, weights, cache, optimizer, tracker, prompts, step, nan_state):
@@ -1048,6 +1142,10 @@ def train_iteration(models, rm, weights, cache, optimizer, tracker, prompts, ste
     if record["phase"] == "bc":
         record.update(bc_update(models, optimizer, teacher, encode_prompts(models, pair_prompts)))
     else:
+        if cfg.bc_iters > 0 and step == cfg.bc_iters:
+            # fresh Adam moments for RL, as toy/redif.py: BC's gradients are ~10x larger, and its moments would shrink
+            # RL's first hundreds of steps 3-5x (a checkpoint saved at the switch holds BC's and resumes through here)
+            optimizer.state.clear()
         if cfg.bc_iters > 0 and cfg.beta > 0 and models.reference is None:
             snapshot_reference(models)  # E6: the KL holds RL near the BC'd student, not the pre-BC teacher
         # a group = G rollouts sharing prompt and x_T, differing in eta-noise (E4); rollout b is in group b // G
@@ -1081,7 +1179,8 @@ def train_iteration(models, rm, weights, cache, optimizer, tracker, prompts, ste
 def main(argv=None):
     cfg = parse_args(argv)
     weights, prompts = validate(cfg)
-    cfg.lr = cfg.lr or (3e-4 if cfg.finetune == "lora" else 1e-5)
+    if cfg.lr is None:  # not `or`: --lr 0 is a value
+        cfg.lr = 3e-4 if cfg.finetune == "lora" else 1e-5
     out, device = Path(cfg.out), pick_device(cfg)
     check_out_dir(cfg, out)
     pipe = load_pipeline(cfg)
@@ -1091,23 +1190,19 @@ def main(argv=None):
     if cfg.resolution % unit:
         fail(f"--resolution {cfg.resolution} is not a multiple of {unit}", f"use a multiple of {unit}")
     if cfg.resume:
-        check_resume_config(cfg, out)
+        changed = check_resume_config(cfg, out)
     else:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        write_config(cfg, out)
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
     models = setup_models(cfg, pipe, device)
     rm = load_reward_models(cfg, weights, device)
     cache = TeacherCache(cfg.teacher_cache or out / "teacher_cache", models)
-    optimizer = torch.optim.AdamW([p for p in models.student.parameters() if p.requires_grad], lr=cfg.lr,
-                                  betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)  # DDPO's AdamW
+    optimizer = build_optimizer(models)
     tracker = PerPromptStatTracker(cfg.ppo_buffer, cfg.ppo_min_count) if cfg.algo == "ppo" else None
     step, nan_state, total = 0, dict(skips=0, streak=0), cfg.bc_iters + cfg.iters
     if cfg.resume:
-        step, nan_state = load_checkpoint(out / "checkpoint.pt", models, optimizer, tracker)
-        keep = [line for line in (out / "metrics.jsonl").read_text().splitlines()  # drop lines past the checkpoint
-                if (r := json.loads(line))["iter"] < step or (r["phase"] == "eval" and r["iter"] <= step)]
-        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in keep))
+        step, nan_state = resume_run(out, changed, models, optimizer, tracker)
     metrics_file, stop = open(out / "metrics.jsonl", "a"), []
 
     def log(record):  # NaN/inf -> null, so every line is valid JSON

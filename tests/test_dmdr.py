@@ -88,6 +88,10 @@ def test_end_to_end(runs, rl):
     assert all(".fake." in k for k in ckpt["fake"]) and len(ckpt["fake"]) > 0
     assert any(v.abs().sum() > 0 for k, v in ckpt["fake"].items() if "lora_B" in k)  # the fake score trained
     assert len(ckpt["opt_g"]["state"]) > 0 and len(ckpt["opt_f"]["state"]) > 0
+    # DPO's reference (the generator as RL started, at step 0 here) travels with the checkpoint
+    assert (ckpt["dpo_ref"] is not None) == (rl == "dpo")
+    if rl == "dpo":
+        assert ckpt["dpo_ref"].keys() == ckpt["generator"].keys()
 
 
 def test_saved_pipeline_samples_like_the_generator(runs, prompt_file):
@@ -139,14 +143,41 @@ def test_ctrl_c_checkpoints_and_resume_is_exact(runs, prompt_file, tmp_path, mon
     assert (tmp_path / "generator" / "model_index.json").exists()
 
 
-def test_nan_loss_is_one_line_error_and_keeps_state(prompt_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(dmdr, "fake_score_loss", lambda *a: torch.tensor(float("nan"), requires_grad=True))
+def test_nan_loss_is_one_line_error_keeps_the_last_checkpoint_and_resumes_with_a_lower_lr(prompt_file, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """A non-finite loss mid-iteration (after that iteration's generator step) ends in one line and leaves the
+    last checkpoint as it was (a mid-iteration state would resume inexactly); --resume with the lower --lr the
+    error asks for continues from it with that lr, past a metrics line cut short by the crash."""
+    real, calls = dmdr.fake_score_loss, []
+
+    def nan_in_iteration_3(*args):
+        calls.append(1)
+        return torch.tensor(float("nan"), requires_grad=True) if len(calls) == 3 else real(*args)
+    monkeypatch.setattr(dmdr, "fake_score_loss", nan_in_iteration_3)
+    args = tiny_args(prompt_file, tmp_path, "none", 4)
+    args[args.index("--save-every") + 1] = "2"
     with pytest.raises(SystemExit) as e:
-        dmdr.main(tiny_args(prompt_file, tmp_path, "none", 3))
+        dmdr.main(args)
     msg = str(e.value)
-    assert msg.startswith("error: non-finite fake-score loss at iteration 1") and "\n" not in msg and "fix:" in msg
+    assert msg.startswith("error: non-finite fake-score loss at iteration 3") and "\n" not in msg
+    assert "(fix: lower --lr/--fake-lr, then --resume" in msg and "(iteration 2)" in msg
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert ckpt["step"] == 0 and all(torch.isfinite(v).all() for v in ckpt["generator"].values())
+    assert ckpt["step"] == 2 and {int(s["step"]) for s in ckpt["opt_g"]["state"].values()} == {2}  # consistent
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 3, "dmd_lo')  # the process died while writing
+    monkeypatch.setattr(dmdr, "fake_score_loss", real)
+    dmdr.main(args + ["--resume", "--lr", "3e-5"])
+    assert "resume: lr 0.0001 -> 3e-05" in capsys.readouterr().out
+    assert [r["iter"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    assert [r["lr"] for r in read_metrics(tmp_path)] == [1e-4, 1e-4, 3e-5, 3e-5]
+    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 3e-5
+
+
+def test_nan_loss_before_any_checkpoint_says_so(prompt_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(dmdr, "fake_score_loss", lambda *a: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(SystemExit, match=r"iteration 1 \(fix: lower --lr/--fake-lr and start in a fresh --out"):
+        dmdr.main(tiny_args(prompt_file, tmp_path, "none", 3))
+    assert not (tmp_path / "checkpoint.pt").exists()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -311,6 +342,88 @@ def test_real_and_fake_share_base_weights(lora_models, prompt_file, tmp_path):
     assert storage_numel(full.unet, full.gen_unet) == 2 * base + fake_lora
 
 
+def test_backward_simulation_per_sample_k_shares_unet_calls(prompt_file, tmp_path):
+    """Backward simulation with a k per sample: row i is what a batch whose every k is k_i gives (same seed),
+    and that is the plain rollout of k_i steps then step k_i's x0; the samples still running share one UNet call
+    per step (K calls for the stack, fewer images as samples stop); under grad with one k for the batch, only
+    the last call takes grad."""
+    cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "none", 1, "--steps", "4"))
+    m = dmdr.build_models(cfg, torch.device("cpu"))
+    calls = []
+    m.unet.register_forward_hook(lambda mod, args, out: calls.append((args[0].shape[0], torch.is_grad_enabled())))
+    k = torch.tensor([3, 0, 2, 1, 3, 2])
+    z = torch.randn(6, *dmdr.latent_shape(m), generator=torch.Generator().manual_seed(0))
+    emb = dmdr.encode_prompts(m, [PROMPTS[i] for i in range(6)])
+    with torch.no_grad():
+        torch.manual_seed(5)
+        stacked = dmdr.backward_simulation(m, z, emb, k)
+        assert calls == [(6, False), (5, False), (4, False), (2, False)]
+        for i in range(6):
+            torch.manual_seed(5)
+            alone = dmdr.backward_simulation(m, z, emb, k[i].expand(6))
+            torch.manual_seed(5)
+            rollout = dmdr.generator_rollout(m, z, emb, int(k[i]))
+            plain = dmdr.generator_x0(m, rollout, m.timesteps[k[i]], emb)
+            assert torch.allclose(stacked[i], alone[i], atol=1e-5) and torch.equal(alone, plain)
+    calls.clear()
+    x0 = dmdr.backward_simulation(m, z, emb, torch.full((6,), 2))
+    assert calls == [(6, False), (6, False), (6, True)] and x0.requires_grad
+    assert stacked[1].sub(x0[1]).abs().max() > 1e-3  # k changes the output: the comparison above has teeth
+
+
+def test_refl_rewards_the_generators_k_step_output(prompt_file, tmp_path):
+    """ReFL's reward is that of the image the generator returns (all K steps, as sample_generator and the saved
+    pipeline compute it), not of backward simulation's x0 at a random step."""
+    cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "refl", 1, "--steps", "4", "--generator", "lora"))
+    m = dmdr.build_models(cfg, torch.device("cpu"))
+    emb = dmdr.encode_prompts(m, PROMPTS[:3])
+    torch.manual_seed(7)
+    loss, r = dmdr.refl_loss(m, cfg, emb, PROMPTS[:3])
+    torch.manual_seed(7)
+    z = torch.randn(3, *dmdr.latent_shape(m))
+    with torch.no_grad():
+        final = dmdr.reward_fn(m, cfg, dmdr.decode(m, dmdr.sample_generator(m, z, emb)), PROMPTS[:3])
+        first = dmdr.reward_fn(m, cfg, dmdr.decode(m, dmdr.generator_x0(m, z, m.timesteps[0], emb)), PROMPTS[:3])
+    torch.testing.assert_close(r, final)
+    assert loss.item() == pytest.approx(-final.mean().item(), rel=1e-5) and loss.requires_grad
+    assert (first - final).abs().max() > 1e-4  # the one-step estimate scores differently: the check has teeth
+
+
+def test_dpo_reference_is_the_generator_as_rl_started(lora_models):
+    """DPO's reference is the generator's weights when RL starts (snapshotted, swapped in by pointer), not the
+    teacher: right after the snapshot the Diffusion-DPO loss is exactly -log sigmoid(0) = log 2; later the
+    reference still gives the snapshot's epsilon while the generator has moved on."""
+    m = lora_models
+    params = dmdr.lora_params(m.unet, "generator")
+    saved = [p.detach().clone() for p in params]
+    x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([749, 249])
+    emb = dmdr.encode_prompts(m, PROMPTS[:2])
+    cfg = dataclasses.replace(dmdr.parse_args(["--teacher", "tiny"]), reward_weights="random")
+    try:
+        with torch.no_grad():
+            for p in params:  # a generator away from the teacher (its LoRA B starts at 0)
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        m.dpo_ref = dmdr.snapshot_generator(m)
+        with torch.no_grad():
+            eps_start = dmdr.generator_eps(m, x, t, emb)
+            assert dmdr.dpo_loss(m, cfg, emb, PROMPTS[:2])[0].item() == pytest.approx(math.log(2), abs=1e-6)
+            for p in params:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + 1)))
+            eps_now = dmdr.generator_eps(m, x, t, emb)
+            with dmdr.dpo_reference(m):
+                eps_ref = dmdr.generator_eps(m, x, t, emb)
+            torch.testing.assert_close(eps_ref, eps_start)
+            assert (eps_now - eps_start).abs().max() > 1e-3
+            torch.testing.assert_close(dmdr.generator_eps(m, x, t, emb), eps_now)  # swapped back
+            dmdr.use_adapter(m.unet, None)
+            assert (dmdr.unet_eps(m, m.unet, x, t, emb) - eps_start).abs().max() > 1e-3  # the teacher is not it
+    finally:
+        m.dpo_ref = None
+        with torch.no_grad():
+            for p, v in zip(params, saved):
+                p.copy_(v)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Learning
 # ---------------------------------------------------------------------------------------------------
@@ -434,7 +547,7 @@ def test_bf16_precision_keeps_trainables_fp32_tracks_fp32_and_saves_fp32_weights
             x_t = dmdr.add_noise(x0.detach(), noise, m.alphas_cumprod[t - 300])
             x0_real = dmdr.real_x0(m, x_t, t - 300, emb, m.uncond, 1.75)
             x0_fake = dmdr.fake_x0(m, x_t, t - 300, emb)
-        loss = dmdr.dmd_loss(x0, x0_real, x0_fake) + 0.05 * dmdr.refl_loss(m, cfg, x0, PROMPTS[:2])[0]
+        loss = dmdr.dmd_loss(x0, x0_real, x0_fake) + 0.05 * dmdr.reward_surrogate(m, cfg, x0, PROMPTS[:2])[0]
         dmdr.use_adapter(m.unet, "generator")
         loss.backward()
         grad = torch.cat([p.grad.flatten() for p in dmdr.lora_params(m.unet, "generator")])
@@ -521,8 +634,9 @@ def test_aesthetic_reward_loads_the_laion_checkpoint_and_is_differentiable(promp
 
 
 def test_refl_image_by_image_has_the_value_and_gradient_of_the_whole_batch(prompt_file, tmp_path):
-    """refl_loss takes dL_rl/dx0 one image at a time (decoder memory) and returns x0 . stopgrad(dL_rl/dx0) with
-    L_rl's value: its value and its gradient w.r.t. the generator equal those of -mean R(decode(x0)) on the batch."""
+    """reward_surrogate (ReFL's loss) takes dL_rl/dx0 one image at a time (decoder memory) and returns
+    x0 . stopgrad(dL_rl/dx0) with L_rl's value: its value and its gradient w.r.t. the generator equal those of
+    -mean R(decode(x0)) on the batch."""
     cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "refl", 1, "--generator", "lora",
                                     "--reward", "clip_text=1,aesthetic=0.05"))
     m = dmdr.build_models(cfg, torch.device("cpu"))
@@ -539,7 +653,7 @@ def test_refl_image_by_image_has_the_value_and_gradient_of_the_whole_batch(promp
             r = dmdr.reward_fn(m, cfg, dmdr.decode(m, x0), PROMPTS[:3])
             loss = -r.mean()
         else:
-            loss, r = dmdr.refl_loss(m, cfg, x0, PROMPTS[:3])
+            loss, r = dmdr.reward_surrogate(m, cfg, x0, PROMPTS[:3])
         dmdr.use_adapter(m.unet, "generator")
         grads = torch.autograd.grad(loss, params)
         results.append((loss.detach(), r.detach(), torch.cat([g.flatten() for g in grads])))

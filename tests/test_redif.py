@@ -5,7 +5,10 @@ Runs share one teacher cache (module scope), so each (prompt, seed) pair is run 
 """
 import dataclasses
 import json
+import math
+import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +31,16 @@ def workdir(tmp_path_factory):
 def tiny_args(workdir, out, *extra):
     return TINY + ["--prompts", str(workdir / "prompts.txt"), "--teacher-cache", str(workdir / "cache"),
                    "--out", str(workdir / out), *extra]
+
+
+def tiny_trainer(workdir, *extra):
+    """main()'s objects without its loop -> cfg, models, rm, weights, cache, optimizer, prompts."""
+    cfg = redif.parse_args(tiny_args(workdir, "unused", *extra))
+    weights, prompts = redif.validate(cfg)
+    models = redif.setup_models(cfg, redif.load_pipeline(cfg), torch.device("cpu"))
+    rm = redif.load_reward_models(cfg, weights, torch.device("cpu"))
+    cache = redif.TeacherCache(workdir / "cache", models)
+    return cfg, models, rm, weights, cache, redif.build_optimizer(models), prompts
 
 
 def read_metrics(folder):
@@ -56,12 +69,15 @@ def test_full_run_leaves_config_metrics_grids_student_checkpoint(full_run):
     train = [r for r in records if r["phase"] != "eval"]
     assert [(r["iter"], r["phase"]) for r in train] == [(0, "bc"), (1, "rl"), (2, "rl"), (3, "rl")]
     for r in train[1:]:
-        for key in ("reward_mean", "reward_std", "loss", "kl", "clipfrac", "approx_kl", "nan_skips",
+        for key in ("reward_mean", "reward_std", "loss", "kl", "clipfrac", "approx_kl", "nan_skips", "clipfrac_first",
+                    "ratio_err_first",
                     "teacher_cache_hits", "teacher_cache_misses", "sec_teacher", "sec_rollout", "sec_reward",
                     "sec_update", "reward_clip", "reward_dino", "reward_clip_text", "reward_aesthetic",
                     "reward_latent"):
             assert r[key] is not None and r[key] == r[key], key
         assert r["reward_std"] > 0 and 0 <= r["clipfrac"] <= 1 and r["kl"] >= 0 and r["nan_skips"] == 0
+        # before the first optimiser step the ratio is 1: CPU float32 is batch-invariant (P*G rollouts vs --train-batch)
+        assert r["clipfrac_first"] == 0 and r["ratio_err_first"] == 0
         # E3 with the weights of --reward
         total = r["reward_clip"] + 0.5 * r["reward_dino"] + 0.1 * r["reward_clip_text"] + r["reward_latent"]
         total += 0.05 * r["reward_aesthetic"]
@@ -80,32 +96,126 @@ def test_full_run_leaves_config_metrics_grids_student_checkpoint(full_run):
     from PIL import Image
     for count in (0, 2, 4):
         assert Image.open(full_run / f"samples_{count:06d}.png").size == (2 * 8, 4 * 8)  # rows: student | teacher
-    assert torch.load(full_run / "checkpoint.pt", weights_only=False)["step"] == 4
+    ckpt = torch.load(full_run / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 4
+    # Adam's moments were reset as RL started: they count 3 RL iterations x 2 minibatches, not BC's step too
+    assert {int(state["step"]) for state in ckpt["optimizer"]["state"].values()} == {3 * 2}
     assert (full_run / "student" / "model_index.json").exists()
 
 
-def test_ctrl_c_then_resume_gives_the_same_metrics_and_no_teacher_recompute(full_run, workdir, monkeypatch):
-    """SIGINT in iteration 1 -> checkpoint at 2 and a clean return; --resume finishes the run, and the metrics
-    equal the uninterrupted run's. Sharing the teacher cache, this run never computes a teacher output."""
+@pytest.mark.parametrize("interrupt", [0, 1])
+def test_ctrl_c_then_resume_gives_the_same_metrics_and_no_teacher_recompute(full_run, workdir, monkeypatch,
+                                                                           interrupt):
+    """SIGINT in iteration `interrupt` -> a checkpoint at the next one and a clean return; --resume finishes the
+    run, and the metrics equal the uninterrupted run's. interrupt 0: the checkpoint is at the BC -> RL switch and
+    holds BC's Adam moments, which the resumed run must reset as the uninterrupted one did. Sharing the teacher
+    cache, this run never computes a teacher output."""
+    original = redif.train_iteration
+
+    def interrupted(*args, **kwargs):
+        record = original(*args, **kwargs)
+        if record["iter"] == interrupt:
+            signal.raise_signal(signal.SIGINT)  # what Ctrl-C does
+        return record
+
+    monkeypatch.setattr(redif, "train_iteration", interrupted)
+    name = f"resumed{interrupt}"
+    out = workdir / name
+    assert redif.main(tiny_args(workdir, name, *RUN_FLAGS)) is None
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == interrupt + 1
+    assert [r["iter"] for r in read_metrics(out) if r["phase"] != "eval"] == list(range(interrupt + 1))
+    monkeypatch.setattr(redif, "train_iteration", original)
+    assert redif.main(tiny_args(workdir, name, *RUN_FLAGS, "--resume")) == out
+    resumed, uninterrupted = read_metrics(out), read_metrics(full_run)
+    assert stable(resumed) == stable(uninterrupted)
+    assert all(r["teacher_cache_misses"] == 0 for r in resumed if "teacher_cache_misses" in r)
+    assert sum(r["teacher_cache_hits"] for r in resumed if "teacher_cache_hits" in r) == 4 * 2
+
+
+def test_resume_with_a_lower_lr_after_a_kill_mid_write(workdir, monkeypatch, capsys):
+    """What the NaN-rewards error asks for: --resume with a lower --lr (here 0, which is not the default) and
+    another --max-grad-norm. The optimiser takes the new lr (not the checkpoint's): with lr 0 the trainable
+    weights stay those of the checkpoint; config.json holds the settings in force; one line names the changes.
+    A last metrics line cut short by a kill mid-write is dropped, not a crash."""
     original = redif.train_iteration
 
     def interrupted(*args, **kwargs):
         record = original(*args, **kwargs)
         if record["iter"] == 1:
-            signal.raise_signal(signal.SIGINT)  # what Ctrl-C does
+            signal.raise_signal(signal.SIGINT)
         return record
 
+    flags = ("--bc-iters", "1", "--iters", "3", "--eval-every", "0", "--reward", "latent=1")
     monkeypatch.setattr(redif, "train_iteration", interrupted)
-    out = workdir / "resumed"
-    assert redif.main(tiny_args(workdir, "resumed", *RUN_FLAGS)) is None
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
-    assert [r["iter"] for r in read_metrics(out) if r["phase"] != "eval"] == [0, 1]
+    out = workdir / "lower_lr"
+    assert redif.main(tiny_args(workdir, "lower_lr", *flags)) is None
     monkeypatch.setattr(redif, "train_iteration", original)
-    assert redif.main(tiny_args(workdir, "resumed", *RUN_FLAGS, "--resume")) == out
-    resumed, uninterrupted = read_metrics(out), read_metrics(full_run)
-    assert stable(resumed) == stable(uninterrupted)
-    assert all(r["teacher_cache_misses"] == 0 for r in resumed if "teacher_cache_misses" in r)
-    assert sum(r["teacher_cache_hits"] for r in resumed if "teacher_cache_hits" in r) == 4 * 2
+    before = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert before["step"] == 2 and before["optimizer"]["param_groups"][0]["lr"] == 3e-4
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write('{"iter": 2, "phase": "rl", "reward_me')  # killed mid-write
+    capsys.readouterr()
+    assert redif.main(tiny_args(workdir, "lower_lr", *flags, "--resume", "--lr", "0", "--max-grad-norm", "0.5")) == out
+    assert "resume: lr 0.0003 -> 0.0, max_grad_norm 1.0 -> 0.5\n" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["lr"] == 0.0 and config["max_grad_norm"] == 0.5 and config["steps"] == 2
+    after = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert after["step"] == 4 and {g["lr"] for g in after["optimizer"]["param_groups"]} == {0.0}
+    assert after["trainable"].keys() == before["trainable"].keys()
+    assert all(torch.equal(after["trainable"][k], v) for k, v in before["trainable"].items())
+    assert [r["iter"] for r in read_metrics(out) if r["phase"] != "eval"] == [0, 1, 2, 3]  # every line parses
+
+
+def test_rl_starts_with_fresh_adam_moments(workdir):
+    """After BC (E7) the first RL update is the one a freshly built AdamW makes from the same (clipped) gradients,
+    and the moments count RL's optimiser steps only; BC's moments, from ~10x larger gradients, would shrink it."""
+    cfg, models, rm, weights, cache, optimizer, prompts = tiny_trainer(workdir, "--bc-iters", "1", "--lr", "3e-3",
+                                                                       "--reward", "latent=1")
+    nan_state, params = dict(skips=0, streak=0), optimizer.param_groups[0]["params"]
+    redif.train_iteration(models, rm, weights, cache, optimizer, None, prompts, 0, nan_state)  # BC
+    assert {int(state["step"]) for state in optimizer.state.values()} == {1} and len(optimizer.state) == len(params)
+    before, after = [], []
+
+    def pre(opt, args, kwargs):
+        if not before:
+            before.extend((p.detach().clone(), p.grad.clone()) for p in params)
+
+    def post(opt, args, kwargs):
+        if not after:
+            after.extend(p.detach().clone() for p in params)
+
+    optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)
+    assert redif.train_iteration(models, rm, weights, cache, optimizer, None, prompts, 1, nan_state)["phase"] == "rl"
+    assert {int(state["step"]) for state in optimizer.state.values()} == {cfg.minibatches}
+    fresh_params = [w.clone().requires_grad_() for w, _ in before]
+    for p, (_, grad) in zip(fresh_params, before):
+        p.grad = grad
+    group = optimizer.param_groups[0]
+    torch.optim.AdamW(fresh_params, **{k: group[k] for k in ("lr", "betas", "eps", "weight_decay")}).step()
+    ours = torch.cat([(a - w).flatten() for a, (w, _) in zip(after, before)])
+    fresh = torch.cat([(p.detach() - w).flatten() for p, (w, _) in zip(fresh_params, before)])
+    assert ours.abs().max() > 0
+    torch.testing.assert_close(ours, fresh, rtol=1e-5, atol=1e-9)
+
+
+def test_first_minibatch_ratio_check_is_zero_on_cpu_and_sees_a_mismatch(workdir):
+    """clipfrac_first / ratio_err_first measure |ratio - 1| before any optimiser step. On CPU float32, at these batch
+    sizes (rollouts 4, re-scored 2 at a time; CFG doubles both), the recomputed log-probs equal the rollouts'
+    exactly (measured: re-scoring 1 or 3 at a time gives |ratio - 1| up to 1.3e-5, so CPU kernels are not
+    batch-invariant at every size). Old log-probs off by 1e-3, as a kernel mismatch would make them, clip every
+    (rollout, step) of the first minibatch. lr 0 keeps the student fixed between the two calls."""
+    cfg, models, rm, weights, cache, optimizer, prompts = tiny_trainer(workdir, "--lr", "0")
+    prompts, seeds = ["a photo of a cat"] * 2 + ["a red car on a road"] * 2, [0, 0, 1, 1]
+    cond = redif.encode_prompts(models, prompts)
+    x_T = redif.initial_noise(seeds, models.latent_size, models.device)
+    latents, log_probs = redif.sample_student(models, x_T, cond, cfg.eta, torch.Generator().manual_seed(0))
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    exact = redif.rl_update(models, optimizer, (latents, log_probs, cond), advantages, torch.Generator().manual_seed(0))
+    assert exact["clipfrac_first"] == 0 and exact["ratio_err_first"] == 0
+    shifted = redif.rl_update(models, optimizer, (latents, log_probs + 1e-3, cond), advantages,
+                              torch.Generator().manual_seed(0))
+    assert shifted["clipfrac_first"] == 1
+    assert shifted["ratio_err_first"] == pytest.approx(1 - math.exp(-1e-3), rel=1e-3)
 
 
 def test_saved_student_in_a_stock_pipeline_is_the_students_own_sampler(full_run):
@@ -130,6 +240,33 @@ def test_saved_student_in_a_stock_pipeline_is_the_students_own_sampler(full_run)
     teacher_weights = teacher_pipe(prompts, latents=x_T.clone(), **kwargs).images
     assert (teacher_weights - ours).abs().max() > 1e-3
     assert json.loads((full_run / "student" / "redif.json").read_text())["num_inference_steps"] == 2
+
+
+def test_save_student_replaces_a_folder_whole_and_a_crash_keeps_the_old_one(full_run, tmp_path, monkeypatch):
+    """save_student writes a sibling folder and swaps it in: a save over an existing student leaves no stale file
+    and no sibling; a save that dies midway leaves the previous student complete."""
+    from diffusers import StableDiffusionPipeline
+    cfg = redif.Config(**json.loads((full_run / "config.json").read_text()))
+    models = redif.setup_models(cfg, redif.load_pipeline(cfg), torch.device("cpu"))
+    folder = tmp_path / "student"
+    shutil.copytree(full_run / "student", folder)
+    (folder / "stale.txt").write_text("from an earlier save")
+    redif.save_student(models, folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"] and not (folder / "stale.txt").exists()
+    assert (folder / "redif.json").exists() and (folder / "unet").is_dir()
+    real = StableDiffusionPipeline.save_pretrained
+
+    def dies_midway(pipe, path, **kwargs):
+        real(pipe, path, **kwargs)
+        shutil.rmtree(Path(path) / "unet")
+        raise KeyboardInterrupt  # killed after writing part of the pipeline
+
+    monkeypatch.setattr(StableDiffusionPipeline, "save_pretrained", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        redif.save_student(models, folder)
+    monkeypatch.undo()
+    assert (folder / "unet").is_dir() and (folder / "redif.json").exists()
+    StableDiffusionPipeline.from_pretrained(folder)  # still a whole pipeline
 
 
 def test_bc_warmup_regresses_the_student_onto_the_teacher(workdir):
@@ -437,6 +574,21 @@ def test_per_prompt_stat_tracker_matches_toy():
     torch.testing.assert_close(fresh.update(["a", "a", "b", "b"], rewards), expected)
 
 
+def test_reward_preprocessing_is_antialiased_like_pil():
+    """_prepare's 512 -> 224 bicubic matches PIL's (open_clip's and DINOv2's preprocessing resize with antialias)
+    and keeps gradients; without antialias a noisy image aliases (measured mean error 0.16 vs 0.001)."""
+    import numpy as np
+    from PIL import Image
+    pixels = torch.randint(0, 256, (3, 512, 512), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    images = (pixels.float() / 127.5 - 1)[None].requires_grad_()
+    ours = redif._prepare(images, 224, (0, 0, 0), (1, 1, 1))[0]
+    pil = Image.fromarray(pixels.permute(1, 2, 0).numpy()).resize((224, 224), Image.BICUBIC)
+    error = (ours - torch.from_numpy(np.array(pil)).permute(2, 0, 1).float() / 255).abs()
+    assert error.mean() < 0.005 and error.max() < 0.03
+    ours.sum().backward()
+    assert images.grad.abs().sum() > 0
+
+
 def test_offline_tokenizer_matches_sd():
     assert redif.offline_clip_tokenizer()("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
 
@@ -555,6 +707,11 @@ def test_bad_inputs(workdir, monkeypatch):
     expect_error(["--teacher", str(workdir / "broken")] + base, "could not load teacher")
     expect_error(["--teacher", "tiny", "--steps", "50"] + base, "--steps 50", "below the teacher's 50")
     expect_error(["--teacher", "tiny", "--steps", "10", "--teacher-steps", "10"] + base, "below")
+    assert len(redif.trailing_timesteps(61)) == 62  # diffusers' float arange: K+1 timesteps for some K
+    short = ["--teacher", "tiny", "--bc-iters", "0", "--iters", "0"] + base  # without the check: seconds, not a run
+    expect_error(short + ["--teacher-steps", "61"], "--teacher-steps 61", "has 62 timesteps", "use --teacher-steps 60")
+    expect_error(short + ["--steps", "103", "--teacher-steps", "200"], "--steps 103", "use --steps 102")
+    expect_error(short + ["--teacher-steps", "1001"], "above the 1000 training timesteps")
     expect_error(["--teacher", "tiny", "--algo", "grpo", "--group", "1"] + base, "--group 1", "--algo ppo")
     (workdir / "empty.txt").write_text("\n  \n")
     expect_error(["--teacher", "tiny", "--prompts", str(workdir / "empty.txt")] + base, "is empty")
