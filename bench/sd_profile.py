@@ -98,12 +98,20 @@ def sample_saved(case, run_dir, code, seconds, args, log):
     device = "cpu" if args.teacher == "tiny" else "cuda"
     cmd = [sys.executable, "-c", SAMPLE_SAVED, str(run_dir / folder), str(config["steps"]), str(guidance), device]
     code, more = run(cmd, log, args.case_timeout)
-    evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-             if any(k.startswith("eval_") for k in r)]  # redif: "eval" lines; dmdr: eval_* in iteration lines
-    result.update(seconds=seconds + more, eval=evals[-1] if evals else None,
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    result.update(seconds=seconds + more, eval=train_summary(rows),
                   status=f"ok: trained, evaluated, saved; stock pipeline sampled in {config['steps']} steps"
                   if code == 0 else f"trained and saved, but stock sampling failed ({code})")
     return result
+
+
+def train_summary(rows):
+    """A TRAIN case's metrics lines -> its last evaluation, plus redif's worst first-minibatch |ratio - 1| (before
+    any update: sampling and training kernels disagree by that much; near --clip-range it clips the update)."""
+    evals = [r for r in rows if any(k.startswith("eval_") for k in r)]  # redif: "eval" lines; dmdr: in iteration lines
+    checks = {f"check_{k}": max(r[k] for r in rows if k in r) for k in ("clipfrac_first", "ratio_err_first")
+              if any(k in r for r in rows)}
+    return {**(evals[-1] if evals else {}), **checks} or None
 
 
 def image_counts(script, row):
@@ -135,7 +143,7 @@ def table(results, costs):
     for r in results:
         if "row" not in r:
             evals = ", ".join(f"{k} {v:.4g}" for k, v in (r.get("eval") or {}).items()
-                              if k.startswith("eval_") and isinstance(v, float))
+                              if k.startswith(("eval_", "check_")) and isinstance(v, (int, float)))
             lines.append(f"| {r['case']} | {r['status']} ({r['seconds']:.0f} s) |" + " |" * 7 + f" {evals} |")
             continue
         row, n = r["row"], r["row"]["iters"]

@@ -38,3 +38,16 @@ def test_bench_floor_is_the_scripts_floor(case, tmp_path):
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[0] == case and cells[5] == f"{row['floor_s'] / row['iters']:.2f}"  # the floor here = the script's
     assert cells[6] == f"{row['wall_over_floor']:.2f}"
+
+
+def test_train_summary_reports_the_last_evaluation_and_the_worst_first_minibatch_ratio():
+    rows = [{"iter": 0, "phase": "eval", "eval_reward": 0.1}, {"iter": 0, "phase": "rl", "ratio_err_first": 2e-4,
+            "clipfrac_first": 0.5}, {"iter": 1, "phase": "rl", "ratio_err_first": 3e-5, "clipfrac_first": 0.0},
+            {"iter": 2, "phase": "eval", "eval_reward": 0.3}]
+    summary = sd_profile.train_summary(rows)
+    assert summary == {"iter": 2, "phase": "eval", "eval_reward": 0.3, "check_clipfrac_first": 0.5,
+                       "check_ratio_err_first": 2e-4}
+    line = sd_profile.table([dict(case="redif-train", status="ok", seconds=1.0, eval=summary)], None).splitlines()[-1]
+    assert "eval_reward 0.3, check_clipfrac_first 0.5, check_ratio_err_first 0.0002 |" in line
+    dmdr_row = {"iter": 1, "eval_reward": 0.2, "rl_loss": 0.1}  # dmdr: evaluation keys in the iteration's line
+    assert sd_profile.train_summary([dmdr_row]) == dmdr_row
