@@ -8,7 +8,7 @@ penalty to the student as RL starts (E6). Equation tags are those of docs/METHOD
 
     pip install -r requirements.txt
     python redif.py --teacher sd15 --steps 5         # SD1.5 -> 5-step student, on a CUDA GPU
-    python redif.py --teacher sd15-random --iters 3  # real SD1.5 shapes, random weights (GPU speed, memory)
+    python redif.py --teacher sd15-random --bc-iters 1 --iters 3  # SD1.5 shapes, random weights (GPU speed, memory)
     python redif.py --teacher tiny --device cpu --steps 2 --teacher-steps 10 --prompts-per-iter 2 \
         --bc-iters 5 --iters 10                      # random tiny pipeline: a few minutes on a CPU
 
@@ -782,8 +782,9 @@ def optimiser_step(models, optimizer):
 def rl_update(models, optimizer, rollout, advantages, generator):
     """PPO-style passes over the iteration's rollouts; gradients accumulate over the K steps of a minibatch.
     *_first: the first minibatch, before any optimiser step, where the ratio differs from 1 by numerics alone
-    (0 on CPU; on CUDA bf16 the rollouts ran at batch P*G, the recomputation runs at --train-batch, so kernels
-    differ, and a |ratio - 1| near --clip-range would clip the update away)."""
+    (0 on CPU at the tests' batch sizes, ~1e-5 at others; on CUDA bf16 the rollouts ran at batch P*G, the
+    recomputation runs at --train-batch, so kernels differ, and a |ratio - 1| near --clip-range would clip the
+    update away)."""
     latents, old_log_probs, cond = rollout  # (B, K+1, 4, h, w), (B, K), (B, 77, D)
     cfg, logs, first = models.cfg, [], None
     models.student.train()  # SD's UNet has no dropout; train() switches gradient checkpointing on

@@ -1,4 +1,5 @@
 """`python -m toy.bench [--quick] [--out DIR]`: every method at K in {1, 2, 4, 8} (ReDiF's default K = 5 too).
+--quick: K = 2 (and ReDiF's 5), short training.
 
 Prints a markdown table (alignment error with the teacher from the same (label, x_T), sliced W2 and MMD to
 exact data samples, mode coverage, the fraction of samples on the data's 99% region, the toy reward,
@@ -392,7 +393,8 @@ def run(cfg, out, log=print):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="reduced run (K in {1, 2} and 5, short training), < 1 min")
+    parser.add_argument("--quick", action="store_true",
+                        help="reduced run (K = 2, and 5 for ReDiF; short training), < 1 min")
     parser.add_argument("--out", default="runs/toy_bench", help="output folder (table.md, results.json, PNGs, cache)")
     args = parser.parse_args(argv)
     # The toy's tensors are tiny: a second thread buys nothing and, on a busy machine, its spin-waits cost
