@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dmdr
 from toy import dmdr as toy_dmdr
@@ -141,6 +142,13 @@ def test_ctrl_c_checkpoints_and_resume_is_exact(runs, prompt_file, tmp_path, mon
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("sec_")} for r in rows]  # noqa: E731
     assert strip(read_metrics(tmp_path)) == strip(read_metrics(runs["none"]))
     assert (tmp_path / "generator" / "model_index.json").exists()
+    ours, theirs = (torch.load(p / "checkpoint.pt", weights_only=False) for p in (tmp_path, runs["none"]))
+    for key in ("generator", "fake"):  # the weights and both optimisers' states, bit for bit
+        a, b = ours[key], theirs[key]
+        assert a.keys() == b.keys() and all(torch.equal(v, b[k]) for k, v in a.items()), key
+    for key in ("opt_g", "opt_f"):
+        a, b = ours[key]["state"], theirs[key]["state"]
+        assert a.keys() == b.keys() and all(torch.equal(a[i][n], b[i][n]) for i in a for n in a[i]), key
 
 
 def test_nan_loss_is_one_line_error_keeps_the_last_checkpoint_and_resumes_with_a_lower_lr(prompt_file, tmp_path,
@@ -410,6 +418,7 @@ def test_dpo_reference_is_the_generator_as_rl_started(lora_models):
             for p in params:
                 p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + 1)))
             eps_now = dmdr.generator_eps(m, x, t, emb)
+            assert abs(dmdr.dpo_loss(m, cfg, emb, PROMPTS[:2])[0].item() - math.log(2)) > 1e-6
             with dmdr.dpo_reference(m):
                 eps_ref = dmdr.generator_eps(m, x, t, emb)
             torch.testing.assert_close(eps_ref, eps_start)
@@ -422,6 +431,80 @@ def test_dpo_reference_is_the_generator_as_rl_started(lora_models):
         with torch.no_grad():
             for p, v in zip(params, saved):
                 p.copy_(v)
+
+
+def test_dpo_loss_ranks_by_reward_and_is_diffusion_dpo_by_hand(lora_models, monkeypatch):
+    """Winners (higher reward of each prompt's two samples) go first, and the loss is Diffusion-DPO's
+    -log sigmoid(-beta/2 [(err_w - err_w_ref) - (err_l - err_l_ref)]), recomputed from the recorded epsilons."""
+    m = lora_models
+    params = dmdr.lora_params(m.unet, "generator")
+    saved = [p.detach().clone() for p in params]
+    cfg = dataclasses.replace(dmdr.parse_args(["--teacher", "tiny"]), reward_weights="random")
+    emb = dmdr.encode_prompts(m, PROMPTS[:2])
+    rewards = torch.tensor([0.9, 0.1, 0.2, 0.8])  # prompt 0: sample 0 wins over 2; prompt 1: sample 3 over 1
+    seen, eps = {}, []
+    real_sample, real_add, real_eps = dmdr.sample_generator, dmdr.add_noise, dmdr.generator_eps
+
+    def add_noise(x0, noise, abar):
+        seen["pair"], seen["noise"] = x0, noise
+        return real_add(x0, noise, abar)
+    monkeypatch.setattr(dmdr, "reward_fn", lambda *args: rewards)
+    monkeypatch.setattr(dmdr, "sample_generator", lambda *a, **k: seen.setdefault("x0", real_sample(*a, **k)))
+    monkeypatch.setattr(dmdr, "add_noise", add_noise)
+    monkeypatch.setattr(dmdr, "generator_eps", lambda *args: eps.append(real_eps(*args)) or eps[-1])
+    try:
+        with torch.no_grad():
+            for p in params:  # reference and generator apart, so that the losses differ from log 2
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+            m.dpo_ref = dmdr.snapshot_generator(m)
+            for p in params:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + 1)))
+            loss = dmdr.dpo_loss(m, cfg, emb, PROMPTS[:2])[0]
+        x0, pair, noise = seen["x0"], seen["pair"], seen["noise"]
+        assert torch.equal(pair[:2], x0[[0, 3]]) and torch.equal(pair[2:], x0[[2, 1]])
+        err_ref, err = (((e - noise) ** 2).mean((1, 2, 3)) for e in eps[-2:])
+        diff = (err[:2] - err_ref[:2]) - (err[2:] - err_ref[2:])
+        assert diff.abs().max() > 1e-6
+        assert loss.item() == pytest.approx(-F.logsigmoid(-0.5 * cfg.dpo_beta * diff).mean().item(), rel=1e-5)
+    finally:
+        m.dpo_ref = None
+        with torch.no_grad():
+            for p, v in zip(params, saved):
+                p.copy_(v)
+
+
+def test_grpo_loss_uses_group_normalised_advantages(lora_models, monkeypatch):
+    """E4 inside grpo_loss: the advantages handed to the surrogate are toy/'s within-group normalisation of the
+    rewards (B=2 prompts x G=3). The loss value cannot show it: with ratio 1 it is -mean(A) = 0 for any A."""
+    m = lora_models
+    cfg = dataclasses.replace(dmdr.parse_args(["--teacher", "tiny"]), reward_weights="random", grpo_group=3)
+    emb = dmdr.encode_prompts(m, PROMPTS[:2])
+    rewards, seen, real = torch.tensor([0.1, 0.5, 0.3, 2.0, 1.0, 4.0]), [], dmdr.clipped_surrogate
+    monkeypatch.setattr(dmdr, "reward_fn", lambda *args: rewards)
+    monkeypatch.setattr(dmdr, "clipped_surrogate", lambda lp, old, adv, c: seen.append(adv) or real(lp, old, adv, c))
+    dmdr.grpo_loss(m, cfg, emb, PROMPTS[:2])
+    torch.testing.assert_close(seen[0], toy_redif.grpo_advantages(rewards.view(2, 3)).view(-1))
+
+
+def test_dpo_reference_is_snapshotted_once_and_round_trips(lora_models, prompt_file, tmp_path):
+    """Two DPO iterations from RL step 0: the reference is the generator at step 0 (LoRA B = 0) while the
+    generator has moved; and save/load of a checkpoint brings the reference back."""
+    dmdr.main(tiny_args(prompt_file, tmp_path / "run", "dpo", 2, "--steps", "1"))
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    ref_b = [v for k, v in ckpt["dpo_ref"].items() if "lora_B" in k]
+    assert ref_b and all(v.abs().max() == 0 for v in ref_b)
+    assert any(v.abs().max() > 0 for k, v in ckpt["generator"].items() if "lora_B" in k)
+    m = lora_models
+    opt_g, opt_f = (torch.optim.AdamW(dmdr.lora_params(m.unet, a)) for a in ("generator", "fake"))
+    ref = {k: v + 1 for k, v in dmdr.snapshot_generator(m).items()}
+    m.dpo_ref = {k: v.clone() for k, v in ref.items()}
+    try:
+        dmdr.save_checkpoint(tmp_path / "c.pt", m, opt_g, opt_f, 3)
+        m.dpo_ref = None
+        assert dmdr.load_checkpoint(tmp_path / "c.pt", m, opt_g, opt_f) == 3
+        assert m.dpo_ref.keys() == ref.keys() and all(torch.equal(m.dpo_ref[k], v) for k, v in ref.items())
+    finally:
+        m.dpo_ref = None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -287,12 +287,40 @@ def test_kl_reference_is_the_student_as_rl_starts_not_the_pre_bc_teacher(workdir
     """E6 after E7: the first RL minibatch is evaluated before any RL update, so its KL to the reference is
     exactly 0 only if the reference is the BC'd student (the teacher would give KL > 0: BC moved the LoRA)."""
     out = workdir / "kl_ref"
-    redif.main(tiny_args(workdir, "kl_ref", "--bc-iters", "2", "--iters", "1", "--lr", "3e-3", "--inner-epochs", "1",
+    redif.main(tiny_args(workdir, "kl_ref", "--bc-iters", "2", "--iters", "2", "--lr", "3e-3", "--inner-epochs", "1",
                          "--minibatches", "1", "--eval-every", "0"))
-    bc, rl = [r for r in read_metrics(out) if r["phase"] != "eval"][1:]
-    assert bc["phase"] == "bc" and rl["phase"] == "rl"
+    bc, rl, rl2 = [r for r in read_metrics(out) if r["phase"] != "eval"][1:]
+    assert bc["phase"] == "bc" and rl["phase"] == rl2["phase"] == "rl"
     assert rl["kl"] == 0.0
+    assert rl2["kl"] > 0  # the reference stays where RL started (not re-snapshotted each iteration)
     assert torch.load(out / "checkpoint.pt", weights_only=False)["reference"] is not None  # resumes with it
+
+
+def test_bc_loss_is_the_mean_squared_error():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 4, 2, 2, generator=g).requires_grad_()
+    b = torch.randn(3, 4, 2, 2, generator=g)
+    loss = redif.bc_loss(a, b)
+    loss.backward()
+    assert loss.item() == pytest.approx(((a - b) ** 2).mean().item(), rel=1e-6)
+    torch.testing.assert_close(a.grad, 2 * (a - b).detach() / a.numel())
+
+
+def test_checkpoint_round_trip_restores_tracker_nan_state_and_rng(workdir, tmp_path):
+    """What the resume test cannot see with GRPO and no NaNs: PPO's per-prompt statistics, the NaN counters and
+    the global RNG come back from a checkpoint."""
+    cfg, models, rm, weights, cache, optimizer, prompts = tiny_trainer(workdir, "--reward", "latent=1", "--lr", "3e-4")
+    tracker = redif.PerPromptStatTracker(4, 2)
+    tracker.update(["a", "b", "a"], torch.tensor([1.0, 2.0, 3.0]))
+    nan_state = dict(skips=2, streak=1)
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    redif.save_checkpoint(tmp_path / "c.pt", 5, models, optimizer, tracker, nan_state)
+    torch.rand(10)
+    fresh = redif.PerPromptStatTracker(4, 2)
+    step, loaded = redif.load_checkpoint(tmp_path / "c.pt", models, optimizer, fresh)
+    assert step == 5 and loaded == nan_state and fresh.stats == tracker.stats and fresh.stats
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_teacher_cache_holds_the_teacher_trajectory_at_the_students_levels(workdir, full_run):
