@@ -1035,7 +1035,7 @@ def generator_state(m):
 
 def atomic_write(path, obj):
     """Temp file, fsync, rename: a crash mid-write never leaves a broken file (obj: str, or for torch.save)."""
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w" if isinstance(obj, str) else "wb") as f:
         f.write(obj) if isinstance(obj, str) else torch.save(obj, f)
         f.flush()

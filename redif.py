@@ -468,7 +468,7 @@ class TeacherCache:
         for start in tqdm(range(0, len(todo), size), desc="teacher", leave=False, disable=None if todo else True):
             idx = todo[start:start + size]
             for i, states in zip(idx, self.sample([prompts[i] for i in idx], [seeds[i] for i in idx]).cpu()):
-                atomic_save(states.clone(), paths[i])
+                atomic_write(paths[i], states.clone())
         return torch.stack([torch.load(p, map_location="cpu") for p in paths]).to(self.models.device)
 
     @torch.no_grad()
@@ -491,23 +491,15 @@ class TeacherCache:
         return torch.stack(recorded + [x], dim=1)
 
 
-def atomic_write(path, write, mode="wb"):
+def atomic_write(path, obj):
     """Write a temp file, fsync, rename: a crash or a concurrent run never leaves a half-written file (without the
-    fsync a crash soon after the rename can leave an empty one on some file systems)."""
+    fsync a crash soon after the rename can leave an empty one on some file systems). obj: str, or for torch.save."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, mode) as fh:
-        write(fh)
+    with open(tmp, "w" if isinstance(obj, str) else "wb") as fh:
+        fh.write(obj) if isinstance(obj, str) else torch.save(obj, fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-
-
-def atomic_save(obj, path):
-    atomic_write(path, lambda fh: torch.save(obj, fh))
-
-
-def atomic_write_text(path, text):
-    atomic_write(path, lambda fh: fh.write(text), mode="w")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -971,9 +963,9 @@ def save_checkpoint(path, step, models, optimizer, tracker, nan_state):
     rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     reference = None if models.reference is None else {n: t.cpu() for n, t in models.reference.items()}
-    atomic_save(dict(step=step, trainable=trainable_state(models.student), optimizer=optimizer.state_dict(),
-                     reference=reference, tracker=tracker.stats if tracker else None, nan_state=nan_state,
-                     rng=rng), path)
+    atomic_write(path, dict(step=step, trainable=trainable_state(models.student), optimizer=optimizer.state_dict(),
+                            reference=reference, tracker=tracker.stats if tracker else None, nan_state=nan_state,
+                            rng=rng))
 
 
 def load_checkpoint(path, models, optimizer, tracker):
@@ -1101,7 +1093,7 @@ def check_resume_config(cfg, out):
 
 
 def write_config(cfg, out):
-    atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    atomic_write(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
 
 
 def metrics_until(path, step):
@@ -1128,7 +1120,7 @@ def resume_run(out, changed, models, optimizer, tracker):
         print("resume: " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
     write_config(models.cfg, out)
     keep = metrics_until(out / "metrics.jsonl", step)
-    atomic_write_text(out / "metrics.jsonl", "".join(line + "\n" for line in keep))
+    atomic_write(out / "metrics.jsonl", "".join(line + "\n" for line in keep))
     return step, nan_state
 
 
