@@ -1,5 +1,6 @@
 """dmdr.py on the offline `tiny` teacher (CPU): end-to-end runs for each RL branch, the saved pipeline, exact
 resume, Ctrl-C, bad input, cross-checks against toy/, shared base weights, and a seeded learning test."""
+import contextlib
 import dataclasses
 import json
 import math
@@ -397,35 +398,13 @@ def test_refl_rewards_the_generators_k_step_output(prompt_file, tmp_path):
     assert (first - final).abs().max() > 1e-4  # the one-step estimate scores differently: the check has teeth
 
 
-def test_dpo_reference_is_the_generator_as_rl_started(lora_models):
-    """DPO's reference is the generator's weights when RL starts (snapshotted, swapped in by pointer), not the
-    teacher: right after the snapshot the Diffusion-DPO loss is exactly -log sigmoid(0) = log 2; later the
-    reference still gives the snapshot's epsilon while the generator has moved on."""
-    m = lora_models
+@contextlib.contextmanager
+def generator_restored(m):
+    """-> the generator LoRA's parameters; afterwards they and DPO's reference are as before (the fixture is shared)."""
     params = dmdr.lora_params(m.unet, "generator")
     saved = [p.detach().clone() for p in params]
-    x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([749, 249])
-    emb = dmdr.encode_prompts(m, PROMPTS[:2])
-    cfg = dataclasses.replace(dmdr.parse_args(["--teacher", "tiny"]), reward_weights="random")
     try:
-        with torch.no_grad():
-            for p in params:  # a generator away from the teacher (its LoRA B starts at 0)
-                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-        m.dpo_ref = dmdr.snapshot_generator(m)
-        with torch.no_grad():
-            eps_start = dmdr.generator_eps(m, x, t, emb)
-            assert dmdr.dpo_loss(m, cfg, emb, PROMPTS[:2])[0].item() == pytest.approx(math.log(2), abs=1e-6)
-            for p in params:
-                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + 1)))
-            eps_now = dmdr.generator_eps(m, x, t, emb)
-            assert abs(dmdr.dpo_loss(m, cfg, emb, PROMPTS[:2])[0].item() - math.log(2)) > 1e-6
-            with dmdr.dpo_reference(m):
-                eps_ref = dmdr.generator_eps(m, x, t, emb)
-            torch.testing.assert_close(eps_ref, eps_start)
-            assert (eps_now - eps_start).abs().max() > 1e-3
-            torch.testing.assert_close(dmdr.generator_eps(m, x, t, emb), eps_now)  # swapped back
-            dmdr.use_adapter(m.unet, None)
-            assert (dmdr.unet_eps(m, m.unet, x, t, emb) - eps_start).abs().max() > 1e-3  # the teacher is not it
+        yield params
     finally:
         m.dpo_ref = None
         with torch.no_grad():
@@ -433,12 +412,42 @@ def test_dpo_reference_is_the_generator_as_rl_started(lora_models):
                 p.copy_(v)
 
 
+@torch.no_grad()
+def nudge(params, salt=0):
+    """Move the generator LoRA by a fixed random step (its B starts at 0: the generator starts as the teacher)."""
+    for p in params:
+        p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + salt)))
+
+
+def test_dpo_reference_is_the_generator_as_rl_started(lora_models):
+    """DPO's reference is the generator's weights when RL starts (snapshotted, swapped in by pointer), not the
+    teacher: right after the snapshot the Diffusion-DPO loss is exactly -log sigmoid(0) = log 2; later the
+    reference still gives the snapshot's epsilon while the generator has moved on."""
+    m = lora_models
+    x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([749, 249])
+    emb = dmdr.encode_prompts(m, PROMPTS[:2])
+    cfg = dataclasses.replace(dmdr.parse_args(["--teacher", "tiny"]), reward_weights="random")
+    with generator_restored(m) as params, torch.no_grad():
+        nudge(params)  # a generator away from the teacher
+        m.dpo_ref = dmdr.snapshot_generator(m)
+        eps_start = dmdr.generator_eps(m, x, t, emb)
+        assert dmdr.dpo_loss(m, cfg, emb, PROMPTS[:2])[0].item() == pytest.approx(math.log(2), abs=1e-6)
+        nudge(params, salt=1)
+        eps_now = dmdr.generator_eps(m, x, t, emb)
+        assert abs(dmdr.dpo_loss(m, cfg, emb, PROMPTS[:2])[0].item() - math.log(2)) > 1e-6
+        with dmdr.dpo_reference(m):
+            eps_ref = dmdr.generator_eps(m, x, t, emb)
+        torch.testing.assert_close(eps_ref, eps_start)
+        assert (eps_now - eps_start).abs().max() > 1e-3
+        torch.testing.assert_close(dmdr.generator_eps(m, x, t, emb), eps_now)  # swapped back
+        dmdr.use_adapter(m.unet, None)
+        assert (dmdr.unet_eps(m, m.unet, x, t, emb) - eps_start).abs().max() > 1e-3  # the teacher is not it
+
+
 def test_dpo_loss_ranks_by_reward_and_is_diffusion_dpo_by_hand(lora_models, monkeypatch):
     """Winners (higher reward of each prompt's two samples) go first, and the loss is Diffusion-DPO's
     -log sigmoid(-beta/2 [(err_w - err_w_ref) - (err_l - err_l_ref)]), recomputed from the recorded epsilons."""
     m = lora_models
-    params = dmdr.lora_params(m.unet, "generator")
-    saved = [p.detach().clone() for p in params]
     cfg = dataclasses.replace(dmdr.parse_args(["--teacher", "tiny"]), reward_weights="random")
     emb = dmdr.encode_prompts(m, PROMPTS[:2])
     rewards = torch.tensor([0.9, 0.1, 0.2, 0.8])  # prompt 0: sample 0 wins over 2; prompt 1: sample 3 over 1
@@ -452,25 +461,17 @@ def test_dpo_loss_ranks_by_reward_and_is_diffusion_dpo_by_hand(lora_models, monk
     monkeypatch.setattr(dmdr, "sample_generator", lambda *a, **k: seen.setdefault("x0", real_sample(*a, **k)))
     monkeypatch.setattr(dmdr, "add_noise", add_noise)
     monkeypatch.setattr(dmdr, "generator_eps", lambda *args: eps.append(real_eps(*args)) or eps[-1])
-    try:
-        with torch.no_grad():
-            for p in params:  # reference and generator apart, so that the losses differ from log 2
-                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-            m.dpo_ref = dmdr.snapshot_generator(m)
-            for p in params:
-                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + 1)))
-            loss = dmdr.dpo_loss(m, cfg, emb, PROMPTS[:2])[0]
-        x0, pair, noise = seen["x0"], seen["pair"], seen["noise"]
-        assert torch.equal(pair[:2], x0[[0, 3]]) and torch.equal(pair[2:], x0[[2, 1]])
-        err_ref, err = (((e - noise) ** 2).mean((1, 2, 3)) for e in eps[-2:])
-        diff = (err[:2] - err_ref[:2]) - (err[2:] - err_ref[2:])
-        assert diff.abs().max() > 1e-6
-        assert loss.item() == pytest.approx(-F.logsigmoid(-0.5 * cfg.dpo_beta * diff).mean().item(), rel=1e-5)
-    finally:
-        m.dpo_ref = None
-        with torch.no_grad():
-            for p, v in zip(params, saved):
-                p.copy_(v)
+    with generator_restored(m) as params, torch.no_grad():
+        nudge(params)  # reference and generator apart, so that the losses differ from log 2
+        m.dpo_ref = dmdr.snapshot_generator(m)
+        nudge(params, salt=1)
+        loss = dmdr.dpo_loss(m, cfg, emb, PROMPTS[:2])[0]
+    x0, pair, noise = seen["x0"], seen["pair"], seen["noise"]
+    assert torch.equal(pair[:2], x0[[0, 3]]) and torch.equal(pair[2:], x0[[2, 1]])
+    err_ref, err = (((e - noise) ** 2).mean((1, 2, 3)) for e in eps[-2:])
+    diff = (err[:2] - err_ref[:2]) - (err[2:] - err_ref[2:])
+    assert diff.abs().max() > 1e-6
+    assert loss.item() == pytest.approx(-F.logsigmoid(-0.5 * cfg.dpo_beta * diff).mean().item(), rel=1e-5)
 
 
 def test_grpo_loss_uses_group_normalised_advantages(lora_models, monkeypatch):
