@@ -786,15 +786,16 @@ def dpo_loss(m, cfg, emb, prompts):
 def grpo_loss(m, cfg, emb, prompts):
     """E12 GRPO: G episodes per prompt share prompt and state (METHOD section 3); they differ in the eta-noise
     of the stochastic last generator step (E1, E2); group-normalised advantages (E4), clipped surrogate (E5).
-    One update per sample (on-policy), so old_log_prob = log_prob.detach() and the ratio is 1."""
+    One update per sample (on-policy), so old_log_prob = log_prob.detach() and the ratio is 1. The G episodes
+    of a group share the state, hence the policy's mean: one UNet call per prompt (B images with grad, not B*G)."""
     B, G, K = len(prompts), cfg.grpo_group, len(m.timesteps)
     z = torch.randn(B, *latent_shape(m), device=m.device)
     with torch.no_grad():
-        x = generator_rollout(m, z, emb, K - 1).repeat_interleave(G, 0)  # (B*G, 4, h, w)
-    emb_g = emb.repeat_interleave(G, 0)
+        x = generator_rollout(m, z, emb, K - 1)  # (B, 4, h, w): the state at the last grid timestep
     t = m.timesteps[K - 1]
-    eps = generator_eps(m, x, t, emb_g)
-    sample, log_prob, _, _ = ddim_step_with_logprob(eps, t, -1, x, m.alphas_cumprod, eta=cfg.grpo_eta)
+    eps = generator_eps(m, x, t, emb).repeat_interleave(G, 0)  # (B*G, 4, h, w)
+    sample, log_prob, _, _ = ddim_step_with_logprob(eps, t, -1, x.repeat_interleave(G, 0), m.alphas_cumprod,
+                                                    eta=cfg.grpo_eta)
     with torch.no_grad():
         r = reward_fn(m, cfg, decode(m, sample.detach()), [p for p in prompts for _ in range(G)])
     adv = grpo_advantages(r.view(B, G)).view(-1)  # E4

@@ -487,6 +487,39 @@ def test_grpo_loss_uses_group_normalised_advantages(lora_models, monkeypatch):
     torch.testing.assert_close(seen[0], toy_redif.grpo_advantages(rewards.view(2, 3)).view(-1))
 
 
+def test_grpo_runs_one_unet_call_per_group_with_the_gradient_of_the_whole_group(lora_models, monkeypatch):
+    """The G episodes of a group share state and prompt, so the policy's mean is computed once per prompt: B
+    images through the generator with grad, not B*G, and the same loss and gradient as the B*G batch holding G
+    copies of each state (B=2, G=3, K=2)."""
+    m = lora_models
+    cfg = dataclasses.replace(dmdr.parse_args(["--teacher", "tiny"]), reward_weights="random", grpo_group=3)
+    emb, rewards = dmdr.encode_prompts(m, PROMPTS[:2]), torch.tensor([0.1, 0.5, 0.3, 2.0, 1.0, 4.0])
+    monkeypatch.setattr(dmdr, "reward_fn", lambda *args: rewards)
+    params = list(dmdr.generator_params(m).values())
+    calls = []
+    hook = m.unet.register_forward_hook(lambda mod, args, out: calls.append((len(args[0]), torch.is_grad_enabled())))
+    torch.manual_seed(5)
+    loss, _ = dmdr.grpo_loss(m, cfg, emb, PROMPTS[:2])
+    hook.remove()
+    grads = torch.autograd.grad(loss, params)
+    assert calls == [(2, False), (2, True)]  # the first step from z without grad, then the last step's mean
+
+    torch.manual_seed(5)  # the B*G batch, by hand, on the same random draws
+    z = torch.randn(2, *dmdr.latent_shape(m))
+    with torch.no_grad():
+        x = dmdr.generator_rollout(m, z, emb, 1).repeat_interleave(3, 0)
+    t = m.timesteps[1]
+    eps = dmdr.generator_eps(m, x, t, emb.repeat_interleave(3, 0))
+    _, log_prob, _, _ = dmdr.ddim_step_with_logprob(eps, t, -1, x, m.alphas_cumprod, eta=cfg.grpo_eta)
+    adv = toy_redif.grpo_advantages(rewards.view(2, 3)).view(-1)
+    ref = toy_redif.clipped_surrogate(log_prob, log_prob.detach(), adv, cfg.grpo_clip)
+    ref_grads = torch.autograd.grad(ref, params)
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-7)
+    assert max(g.abs().max() for g in ref_grads) > 0
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-8)
+
+
 def test_dpo_reference_is_snapshotted_once_and_round_trips(lora_models, prompt_file, tmp_path):
     """Two DPO iterations from RL step 0: the reference is the generator at step 0 (LoRA B = 0) while the
     generator has moved; and save/load of a checkpoint brings the reference back."""
