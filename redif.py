@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +104,9 @@ class Config:
     beta: float = flag(0.01, "weight of the KL to the student as RL starts, i.e. after BC (E6; our choice)")
     minibatches: int = flag(2, "optimiser steps per pass over an iteration's rollouts (DDPO-like)")
     train_batch: int = flag(4, "rollouts per forward/backward (gradient accumulation within a minibatch; memory)")
+    sample_batch: int = flag(None, "rollouts per sampling forward (default --train-batch: under bf16 the UNet's "
+                             "numbers depend on the batch shape, and equal shapes start PPO's ratio at 1, as in "
+                             "flow_grpo, whose sample and train batch sizes are equal; larger samples faster)")
     inner_epochs: int = flag(1, "passes over each iteration's rollouts (DDPO)")
     max_grad_norm: float = flag(1.0, "gradient clipping (DDPO)")
     ppo_buffer: int = flag(16, "--algo ppo: rewards kept per prompt (DDPO)")
@@ -311,7 +314,7 @@ class Models:
     pipe: object  # vae, text_encoder, tokenizer; pipe.unet is the student
     teacher_unet: object  # None with LoRA: the student with its adapter disabled is the teacher
     device: torch.device
-    ctx: object  # bf16 autocast (--precision bf16, the default on CUDA) or nullcontext (fp32)
+    ctx: object  # () -> a new bf16 autocast (bf16, the CUDA default) or nullcontext; one object nested stays on
     alphas_cumprod: torch.Tensor  # (1000,) float32
     prediction_type: str
     latent_size: int
@@ -355,7 +358,7 @@ def setup_models(cfg, pipe, device):
         unet.enable_gradient_checkpointing()
     if cfg.compile:
         compile_unets(unet, teacher_unet)
-    ctx = torch.autocast(device.type, dtype=dtype) if dtype == torch.bfloat16 else contextlib.nullcontext()
+    ctx = partial(torch.autocast, device.type, dtype=dtype) if dtype == torch.bfloat16 else contextlib.nullcontext
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     return Models(cfg, pipe, teacher_unet, device, ctx, pipe.scheduler.alphas_cumprod.float().to(device),
                   pipe.scheduler.config.prediction_type, cfg.resolution // vae_scale)
@@ -427,7 +430,7 @@ def encode_prompts(models, prompts):
     if missing:
         ids = tok(missing, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids.to(models.device)
-        with models.ctx:
+        with models.ctx():
             models.text_cache.update(zip(missing, models.pipe.text_encoder(ids)[0].float()))
     return torch.stack([models.text_cache[p] for p in prompts])
 
@@ -481,7 +484,7 @@ class TeacherCache:
         x = initial_noise(seeds, m.latent_size, m.device)
         with frozen_teacher(m) as unet:
             for t, t_prev in zip(*sampler_grid(cfg.teacher_steps)):
-                with m.ctx:
+                with m.ctx():
                     eps = guided_eps(unet, x, t, cond, uncond, cfg.teacher_guidance, m.alphas_cumprod,
                                      m.prediction_type)
                 while len(recorded) < len(self.levels) - 1 and t >= (level := self.levels[len(recorded)]) > t_prev:
@@ -619,7 +622,7 @@ def decode(models, latents, chunk=8):
     """Latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1]."""
     vae, images = models.pipe.vae, []
     for z in latents.split(chunk):
-        with models.ctx:
+        with models.ctx():
             images.append(vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample.float().clamp(-1, 1))
     return torch.cat(images)
 
@@ -638,7 +641,7 @@ def compute_rewards(weights, models, rm, prompts, student_latents, teacher_laten
 
     if any(weights.get(k) for k in ("clip", "dino", "clip_text", "aesthetic")):
         images = decode(models, torch.cat([student_latents, teacher_latents]))  # (B + B/group, 3, H, W)
-        with models.ctx:
+        with models.ctx():
             if weights.get("clip") or weights.get("clip_text"):
                 terms["clip"], feats_s = student_vs_teacher(clip_image_features(rm, images))
                 if weights.get("clip_text"):
@@ -709,15 +712,19 @@ def bc_loss(student_next, teacher_next):
 # ---------------------------------------------------------------------------------------------------
 def policy_step(models, unet, x, t, t_prev, cond, eta, prev_sample=None, generator=None):
     """CFG epsilon of `unet` at (x, t) with the student's guidance, then the DDIM step (E1, E2)."""
-    with models.ctx:
+    with models.ctx():
         eps = guided_eps(unet, x, t, cond, encode_prompts(models, [""]), models.cfg.student_guidance,
                          models.alphas_cumprod, models.prediction_type)
     return ddim_step_with_logprob(eps, t, t_prev, x, models.alphas_cumprod, eta, prev_sample, generator)
 
 
 @torch.no_grad()
-def sample_student(models, x_T, cond, eta, generator=None):
-    """x_T (B, 4, h, w), cond (B, 77, D) -> latents (B, K+1, 4, h, w), log_probs (B, K)."""
+def sample_student(models, x_T, cond, eta, generator=None, batch=None):
+    """x_T (B, 4, h, w), cond (B, 77, D) -> latents (B, K+1, 4, h, w), log_probs (B, K); `batch` rollouts at a
+    time (training passes --sample-batch: the batch shape of the log-prob recomputation, by default)."""
+    if batch is not None and batch < len(x_T):
+        parts = [sample_student(models, x, c, eta, generator) for x, c in zip(x_T.split(batch), cond.split(batch))]
+        return tuple(torch.cat(part) for part in zip(*parts))
     x, latents, log_probs = x_T, [x_T], []
     for t, t_prev in zip(*sampler_grid(models.cfg.steps)):
         x, log_prob, _, _ = policy_step(models, models.student, x, t, t_prev, cond, eta, generator=generator)
@@ -836,7 +843,7 @@ def evaluate(models, rm, weights, cache, prompts, grid_path):
     student = sample_student(models, x_T, encode_prompts(models, eval_prompts), eta=0.0)[0][:, -1]
     reward, terms, images = compute_rewards(weights, models, rm, eval_prompts, student, teacher)
     images = decode(models, torch.cat([student, teacher])) if images is None else images
-    with models.ctx:
+    with models.ctx():
         feats_s, feats_t = clip_image_features(rm, images).chunk(2)
         text = clip_text_features(rm, eval_prompts, models.device)
     save_grid(images, grid_path)
@@ -848,7 +855,7 @@ def evaluate(models, rm, weights, cache, prompts, grid_path):
     if "dino" in terms:
         metrics["eval_dino"] = terms["dino"].mean().item()
     if "aesthetic" in terms:
-        with models.ctx:
+        with models.ctx():
             metrics.update(eval_aesthetic_student=terms["aesthetic"].mean().item(),
                            eval_aesthetic_teacher=aesthetic_score(rm, images[len(student):]).mean().item())
     return metrics
@@ -1042,9 +1049,9 @@ def validate(cfg):
         check_grid(name, k)
     if cfg.algo == "grpo" and cfg.group < 2:
         fail(f"--group {cfg.group}: GRPO normalises within a group and needs at least 2", "use --group 4 or --algo ppo")
-    if min(cfg.group, cfg.prompts_per_iter, cfg.seed_pool, cfg.minibatches, cfg.train_batch) < 1:
-        fail("--group, --prompts-per-iter, --seed-pool, --minibatches and --train-batch must be positive",
-             "pass positive integers")
+    if min(cfg.group, cfg.prompts_per_iter, cfg.seed_pool, cfg.minibatches, cfg.train_batch, cfg.sample_batch or 1) < 1:
+        fail("--group, --prompts-per-iter, --seed-pool, --minibatches, --train-batch and --sample-batch must be "
+             "positive", "pass positive integers")
     if cfg.iters > 0 and cfg.eta <= 0:
         fail("--eta must be > 0 for RL: an eta-0 step has no log-probability", "use --eta 1.0")
     if cfg.eval_pairs < 2:
@@ -1145,7 +1152,7 @@ def train_iteration(models, rm, weights, cache, optimizer, tracker, prompts, ste
         rollout_prompts = [p for p in pair_prompts for _ in range(cfg.group)]
         cond = encode_prompts(models, rollout_prompts)
         x_T = initial_noise(seeds, models.latent_size, models.device).repeat_interleave(cfg.group, dim=0)
-        latents, log_probs = sample_student(models, x_T, cond, cfg.eta, dev_gen)  # (B, K+1, 4, h, w), (B, K)
+        latents, log_probs = sample_student(models, x_T, cond, cfg.eta, dev_gen, cfg.sample_batch or cfg.train_batch)
         sec["rollout"], clock = time.perf_counter() - clock, time.perf_counter()
         rewards, terms, _ = compute_rewards(weights, models, rm, rollout_prompts, latents[:, -1], teacher[:, -1],
                                             cfg.group)  # E3

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+MIN_CASE_SECONDS = 60  # under --budget, a case needs about this long to load its models and warm up
 # issue 5's settings: redif group 8 (prompts_per_iter 8: 64 rollouts an iteration), dmdr batch 4 with ReFL on
 BASE = {"redif.py": ["--steps", "5", "--group", "8", "--bc-iters", "0", "--profile", "2"],
         "dmdr.py": ["--steps", "4", "--rl", "refl", "--rl-start", "0", "--batch-size", "4", "--profile", "3"]}
@@ -32,6 +33,7 @@ CASES = {  # name: (script, flags, what it trains with LoRA: the floor's trainin
     "redif-lora": ("redif.py", [], "lora"),
     "redif-lora-gc": ("redif.py", ["--gradient-checkpointing"], "lora"),
     "redif-lora-compile": ("redif.py", ["--compile"], "lora"),
+    "redif-lora-sample64": ("redif.py", ["--sample-batch", "64"], "lora"),  # all rollouts in one sampling batch
     "redif-full": ("redif.py", ["--finetune", "full"], "full"),
     "redif-full-gc": ("redif.py", ["--finetune", "full", "--gradient-checkpointing"], "full"),
     "dmdr-lora": ("dmdr.py", ["--generator", "lora"], "lora"),
@@ -49,7 +51,7 @@ TRAIN = {"redif-train": ("redif.py", ["--steps", "5", "--bc-iters", "1", "--iter
 TINY_TRAIN = {"redif.py": ["--device", "cpu", "--teacher-steps", "10", "--steps", "2", "--group", "2",
                            "--prompts-per-iter", "2", "--eval-pairs", "2"],
               "dmdr.py": ["--device", "cpu", "--fake-updates", "1", "--eval-teacher-steps", "2"]}
-DEFAULT_CASES = "unet,redif-lora,dmdr-lora,redif-train,dmdr-train,dmdr-full,redif-full"
+DEFAULT_CASES = "unet,redif-lora,dmdr-lora,dmdr-full,redif-full,redif-train,dmdr-train,redif-lora-sample64"
 SAMPLE_SAVED = """import json, sys, torch
 from diffusers import StableDiffusionPipeline
 folder, steps, guidance, device = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
@@ -87,7 +89,7 @@ def run(cmd, log, timeout):
     return code, time.perf_counter() - clock
 
 
-def sample_saved(case, run_dir, code, seconds, args, log):
+def sample_saved(case, run_dir, code, seconds, args, log, timeout):
     """After a TRAIN case: its last evaluation line, and stock diffusers sampling the saved pipeline in K steps."""
     script, _, folder = TRAIN[case]
     result = dict(case=case, status=f"failed ({code})", seconds=seconds)
@@ -97,7 +99,7 @@ def sample_saved(case, run_dir, code, seconds, args, log):
     guidance = config.get("student_guidance", 0.0)  # dmdr's generator samples without CFG
     device = "cpu" if args.teacher == "tiny" else "cuda"
     cmd = [sys.executable, "-c", SAMPLE_SAVED, str(run_dir / folder), str(config["steps"]), str(guidance), device]
-    code, more = run(cmd, log, args.case_timeout)
+    code, more = run(cmd, log, timeout)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     result.update(seconds=seconds + more, eval=train_summary(rows),
                   status=f"ok: trained, evaluated, saved; stock pipeline sampled in {config['steps']} steps"
@@ -109,9 +111,13 @@ def train_summary(rows):
     """A TRAIN case's metrics lines -> its last evaluation, plus redif's worst first-minibatch |ratio - 1| (before
     any update: sampling and training kernels disagree by that much; near --clip-range it clips the update)."""
     evals = [r for r in rows if any(k.startswith("eval_") for k in r)]  # redif: "eval" lines; dmdr: in iteration lines
-    checks = {f"check_{k}": max(r[k] for r in rows if k in r) for k in ("clipfrac_first", "ratio_err_first")
-              if any(k in r for r in rows)}
-    return {**(evals[-1] if evals else {}), **checks} or None
+    return {**(evals[-1] if evals else {}), **first_ratio_checks(rows)} or None
+
+
+def first_ratio_checks(rows):
+    """redif's RL lines -> the worst clipfrac_first and ratio_err_first (null where a line's value was not finite)."""
+    return {f"check_{k}": max(values) for k in ("clipfrac_first", "ratio_err_first")
+            if (values := [r[k] for r in rows if r.get(k) is not None])}
 
 
 def image_counts(script, row):
@@ -148,7 +154,8 @@ def table(results, costs):
             continue
         row, n = r["row"], r["row"]["iters"]
         here = floor_here(r["counts"], costs, r["trains"]) / n if costs else None
-        phases = ", ".join(f"{k[4:]} {v / n:.2f}" for k, v in row.items() if k.startswith("sec_"))
+        phases = ", ".join([f"{k[4:]} {v / n:.2f}" for k, v in row.items() if k.startswith("sec_")]
+                           + [f"{k} {v:.3g}" for k, v in r.get("checks", {}).items()])
         wall = row["wall_s"] / n
         cells = [f"ok ({r['seconds']:.0f} s)", f"{wall:.2f}", f"{row['floor_s'] / n:.2f}",
                  f"{row['wall_over_floor']:.2f}",
@@ -169,7 +176,8 @@ def main(argv=None):
                         help="tiny: small settings on CPU, to check the code path")
     parser.add_argument("--out", default="runs/bench", help="folder of the runs, log.txt and summary.{json,md}")
     parser.add_argument("--case-timeout", type=int, default=300, help="seconds before a case is stopped")
-    parser.add_argument("--budget", type=int, default=0, help="start no case after this many seconds (0: no limit)")
+    parser.add_argument("--budget", type=int, default=0, help="stop every case by this many seconds from the start, "
+                        f"and start none with under {MIN_CASE_SECONDS} s left (0: no limit)")
     parser.add_argument("--compile-unet", action="store_true", help="the unet case also times torch.compile")
     args = parser.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -181,12 +189,13 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     log, started, results, costs = out / "log.txt", time.perf_counter(), [], None
     for case in cases:
-        if args.budget and time.perf_counter() - started > args.budget:
+        left = args.budget - (time.perf_counter() - started) if args.budget else float("inf")
+        if left < MIN_CASE_SECONDS:
             results.append(dict(case=case, status="skipped: over --budget", seconds=0.0))
             continue
         print(f"[{time.perf_counter() - started:6.0f} s] {case} ...", flush=True)
         log_start = log.stat().st_size if log.exists() else 0
-        result = run_case(case, args, out, log)
+        result = run_case(case, args, out, log, deadline=time.perf_counter() + min(args.case_timeout, left))
         costs = result.pop("costs", costs)
         results.append(result)
         print(f"         {result['status']} in {result['seconds']:.0f} s", flush=True)
@@ -201,14 +210,15 @@ def main(argv=None):
     return results
 
 
-def run_case(case, args, out, log):
-    """One case in its own process -> its result (for `unet`, with the measured costs)."""
-    tiny = args.teacher == "tiny"
+def run_case(case, args, out, log, deadline):
+    """One case in its own process, stopped at `deadline` (perf_counter) -> its result (for `unet`, with the
+    measured costs)."""
+    tiny, timeout = args.teacher == "tiny", lambda: max(1.0, deadline - time.perf_counter())
     if case == "unet":
         cmd = [sys.executable, "bench/unet_rate.py", "--teacher", args.teacher, "--json", str(out / "costs.json")]
         cmd += (["--device", "cpu", "--batch", "2", "--reps", "2"] if tiny else [])
         cmd += ["--compile"] if args.compile_unet else []
-        code, seconds = run(cmd, log, args.case_timeout)
+        code, seconds = run(cmd, log, timeout())
         result = dict(case=case, status="ok" if code == 0 else f"failed ({code})", seconds=seconds)
         if code == 0:
             result["costs"] = json.loads((out / "costs.json").read_text())["eager"]
@@ -217,16 +227,16 @@ def run_case(case, args, out, log):
     for name in ("metrics.jsonl", "checkpoint.pt"):  # a fresh run each time: the scripts never overwrite one
         (run_dir / name).unlink(missing_ok=True)
     script, script_args = case_command(case, args.teacher, run_dir)
-    code, seconds = run([sys.executable, script, *script_args], log, args.case_timeout)
+    code, seconds = run([sys.executable, script, *script_args], log, timeout())
     if case in TRAIN:
-        return sample_saved(case, run_dir, code, seconds, args, log)
+        return sample_saved(case, run_dir, code, seconds, args, log, timeout())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
         if (run_dir / "metrics.jsonl").exists() else []
     profile = [r for r in rows if r.get("phase") == "profile"]
     result = dict(case=case, status="ok" if code == 0 and profile else f"failed ({code})", seconds=seconds,
                   trains=CASES[case][2])
     if profile:
-        result.update(row=profile[-1], counts=image_counts(script, profile[-1]))
+        result.update(row=profile[-1], counts=image_counts(script, profile[-1]), checks=first_ratio_checks(rows))
     return result
 
 

@@ -51,3 +51,23 @@ def test_train_summary_reports_the_last_evaluation_and_the_worst_first_minibatch
     assert "eval_reward 0.3, check_clipfrac_first 0.5, check_ratio_err_first 0.0002 |" in line
     dmdr_row = {"iter": 1, "eval_reward": 0.2, "rl_loss": 0.1}  # dmdr: evaluation keys in the iteration's line
     assert sd_profile.train_summary([dmdr_row]) == dmdr_row
+    assert sd_profile.first_ratio_checks([{"ratio_err_first": None}, {"ratio_err_first": 1e-5}]) == {
+        "check_ratio_err_first": 1e-5}  # a non-finite value is logged as null: skipped, not a crash
+
+
+def test_budget_is_a_hard_limit_on_every_case(tmp_path, monkeypatch):
+    """Each case runs with what is left of --budget as its time limit (not --case-timeout on top of it), and none
+    starts with under MIN_CASE_SECONDS left: the device call that runs the bench ends when planned."""
+    limits = []
+
+    def fake_run(cmd, log, timeout):
+        limits.append(timeout)
+        log.write_text("a case that failed at once\n")
+        return 1, 0.0
+    monkeypatch.setattr(sd_profile, "run", fake_run)
+    args = ["--teacher", "tiny", "--cases", "redif-lora,dmdr-lora", "--case-timeout", "300", "--out", str(tmp_path)]
+    results = sd_profile.main(args + ["--budget", "100"])
+    assert [r["status"] for r in results] == ["failed (1)"] * 2 and len(limits) == 2
+    assert all(90 < t <= 100 for t in limits)
+    results = sd_profile.main(args + ["--budget", str(sd_profile.MIN_CASE_SECONDS - 1)])
+    assert [r["status"] for r in results] == ["skipped: over --budget"] * 2 and len(limits) == 2

@@ -218,6 +218,26 @@ def test_first_minibatch_ratio_check_is_zero_on_cpu_and_sees_a_mismatch(workdir)
     assert shifted["ratio_err_first"] == pytest.approx(1 - math.exp(-1e-3), rel=1e-3)
 
 
+@pytest.mark.parametrize("sample_batch, rollout_rows", [(None, 4), ("4", 8)])
+def test_rollouts_run_the_unet_at_the_training_batch_shape(workdir, sample_batch, rollout_rows):
+    """An RL iteration of P*G = 4 rollouts with --train-batch 2: by default the rollouts are sampled 2 at a time,
+    the batch shape (2 x CFG = 4 rows) at which rl_update recomputes their log-probs and the E6 reference runs, so
+    bf16's shape-dependent kernels cannot move PPO's first ratio off 1; --sample-batch 4 samples all at once."""
+    extra = ["--bc-iters", "0", "--train-batch", "2", "--lr", "1e-4"] + (["--sample-batch", sample_batch] if sample_batch else [])
+    cfg, models, rm, weights, cache, optimizer, prompts = tiny_trainer(workdir, *extra)
+    cache.get(["a photo of a cat", "a photo of a cat", "a red car on a road", "a red car on a road"], [0, 1, 0, 1])
+    rows = []
+    hook = models.student.register_forward_pre_hook(lambda mod, args: rows.append(len(args[0])))
+    tracker, nan_state = None, dict(skips=0, streak=0)
+    record = redif.train_iteration(models, rm, weights, cache, optimizer, tracker, prompts, 0, nan_state)
+    hook.remove()
+    K = cfg.steps
+    rollout = [rollout_rows] * K * (4 * 2 // rollout_rows)  # the same 4 x CFG rows, in calls of rollout_rows
+    update = [4] * K * 2 * 2  # 2 chunks of 2 rollouts, K steps each: the policy and the E6 reference
+    assert record["teacher_cache_misses"] == 0 and rows == rollout + update
+    assert record["ratio_err_first"] == 0
+
+
 def test_saved_student_in_a_stock_pipeline_is_the_students_own_sampler(full_run):
     """StableDiffusionPipeline.from_pretrained(out/student) with K steps and eta 0 reproduces redif's sampler
     with the trained (LoRA) weights, and differs from the teacher's weights, so the LoRA was merged."""
@@ -412,6 +432,9 @@ def test_bf16_precision_keeps_trainables_fp32_and_tracks_fp32(tmp_path):
         redif.bc_loss(mean, states[:, 1]).backward()
         grad = torch.cat([p.grad.flatten() for p in trainable.values()])
         assert grad.dtype == torch.float32 and grad.norm() > 0
+        m.text_cache.clear()  # policy_step then encodes "" inside its own autocast block: nested, both must end
+        redif.policy_step(m, m.student, states[:, 0], t, t_prev, cond, 0.0)
+        assert not torch.is_autocast_enabled("cpu")
         out[precision] = states, grad
     (s32, g32), (s16, g16) = out["fp32"], out["bf16"]
     rel = ((s16 - s32).flatten(2).norm(dim=2) / s32.flatten(2).norm(dim=2))[:, 1:]
