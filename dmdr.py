@@ -192,7 +192,11 @@ def validate(cfg):
         cfg.lr = 1e-5 if cfg.generator == "full" else 1e-4  # DMD2 / our choice
     if cfg.rl == "grpo" and cfg.grpo_group < 2:
         fail(f"--grpo-group {cfg.grpo_group}: GRPO normalises within a group", "use --grpo-group 4")
-    for name in ("iters", "batch_size", "eval_every", "save_every", "eval_teacher_steps"):
+    if cfg.rl == "grpo" and cfg.grpo_eta <= 0:
+        fail(f"--grpo-eta {cfg.grpo_eta}: an eta-0 step has no log-probability, so GRPO would not move",
+             "use --grpo-eta 1.0")
+    for name in ("iters", "batch_size", "eval_every", "save_every", "eval_teacher_steps", "dynadg_steps",
+                 "dynars_steps"):
         if getattr(cfg, name) < 1:
             fail(f"--{name.replace('_', '-')} must be positive", "pass a positive integer")
     if cfg.fake_updates < 0 or cfg.num_eval_prompts < 2:
@@ -307,7 +311,7 @@ def load_teacher(name):
     try:
         pipe = StableDiffusionPipeline.from_pretrained(repo, torch_dtype=torch.float32, safety_checker=None)
     except Exception as e:  # noqa: BLE001 - hub offline, gated repo, not an SD pipeline ...
-        fail(f"could not load teacher '{name}': {str(e).splitlines()[0][:200]}",
+        fail(f"could not load teacher '{name}': {str(e).splitlines()[0][:500]}",
              "check the hub id / network, or pass a local folder")
     if pipe.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
         fail(f"teacher '{name}' is {pipe.scheduler.config.prediction_type}-prediction",
@@ -656,7 +660,7 @@ def create_clip(cfg, arch, tag):
     try:
         return open_clip.create_model(arch, pretrained=tag if reward_pretrained(cfg) else None)
     except Exception as e:  # noqa: BLE001 - offline, unknown tag ...
-        fail(f"could not load reward model {arch}/{tag}: {str(e).splitlines()[0][:200]}",
+        fail(f"could not load reward model {arch}/{tag}: {str(e).splitlines()[0][:500]}",
              "check the network, or --reward-weights random")
 
 
@@ -686,7 +690,7 @@ def load_aesthetic(cfg, device, dtype):
             state = torch.load(path, map_location="cpu", weights_only=True)
             head.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
         except Exception as e:  # noqa: BLE001 - offline, not the predictor's checkpoint ...
-            fail(f"could not load the aesthetic head '{cfg.aesthetic_model}': {str(e).splitlines()[0][:200]}",
+            fail(f"could not load the aesthetic head '{cfg.aesthetic_model}': {str(e).splitlines()[0][:500]}",
                  "pass --aesthetic-model FILE.pth, or --reward-weights random")
     return tuple(model.requires_grad_(False).eval().to(device, dtype) for model in (clip, head))
 

@@ -229,7 +229,7 @@ def load_pipeline(cfg):
                 pipe = StableDiffusionPipeline.from_pretrained(source, safety_checker=None,
                                                                requires_safety_checker=False)
             except Exception as exc:  # offline, gated, not an SD pipeline ...
-                fail(f"could not load teacher '{cfg.teacher}': {str(exc).splitlines()[0][:200]}",
+                fail(f"could not load teacher '{cfg.teacher}': {str(exc).splitlines()[0][:500]}",
                      "check the hub id and network, or pass a local diffusers folder of an SD1.x/2.x model")
     # Teacher and student both run DDIM on trailing grids (our choice): both start from x_T at t = 999, and
     # every state of the student's grid is a state of the teacher's trajectory when K divides teacher_steps.
@@ -578,7 +578,7 @@ def load_reward_models(cfg, weights, device):
                     state = torch.load(path, map_location="cpu", weights_only=True)
                     aesthetic[1].load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
         except Exception as e:  # noqa: BLE001 - offline, unknown tag, not the predictor's checkpoint ...
-            fail(f"could not load reward model {name}: {str(e).splitlines()[0][:200]}",
+            fail(f"could not load reward model {name}: {str(e).splitlines()[0][:500]}",
                  "check the network or the name, or --reward-weights random")
     for model in (clip, dino, *(aesthetic or ())):
         if model is not None:
@@ -1049,9 +1049,11 @@ def validate(cfg):
         check_grid(name, k)
     if cfg.algo == "grpo" and cfg.group < 2:
         fail(f"--group {cfg.group}: GRPO normalises within a group and needs at least 2", "use --group 4 or --algo ppo")
-    if min(cfg.group, cfg.prompts_per_iter, cfg.seed_pool, cfg.minibatches, cfg.train_batch, cfg.sample_batch or 1) < 1:
-        fail("--group, --prompts-per-iter, --seed-pool, --minibatches, --train-batch and --sample-batch must be "
-             "positive", "pass positive integers")
+    positive = ("group", "prompts_per_iter", "seed_pool", "minibatches", "train_batch", "sample_batch", "ckpt_every",
+                "teacher_batch", "max_nan_skips")
+    for name in positive:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            fail(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be positive", "pass a positive integer")
     if cfg.iters > 0 and cfg.eta <= 0:
         fail("--eta must be > 0 for RL: an eta-0 step has no log-probability", "use --eta 1.0")
     if cfg.eval_pairs < 2:
@@ -1189,14 +1191,13 @@ def main(argv=None):
     cfg.resolution = cfg.resolution or pipe.unet.config.sample_size * vae_scale
     if cfg.resolution % unit:
         fail(f"--resolution {cfg.resolution} is not a multiple of {unit}", f"use a multiple of {unit}")
-    if cfg.resume:
-        changed = check_resume_config(cfg, out)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        write_config(cfg, out)
+    changed = check_resume_config(cfg, out) if cfg.resume else None
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
     models = setup_models(cfg, pipe, device)
-    rm = load_reward_models(cfg, weights, device)
+    rm = load_reward_models(cfg, weights, device)  # a reward model that fails to load leaves no run folder behind
+    if not cfg.resume:
+        out.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, out)
     cache = TeacherCache(cfg.teacher_cache or out / "teacher_cache", models)
     optimizer = build_optimizer(models)
     tracker = PerPromptStatTracker(cfg.ppo_buffer, cfg.ppo_min_count) if cfg.algo == "ppo" else None

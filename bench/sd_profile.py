@@ -185,6 +185,11 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"error: unknown case {', '.join(unknown)} "
                          f"(fix: choose from unet, {', '.join(TRAIN)}, {', '.join(CASES)})")
+    if args.teacher != "tiny":
+        import torch  # asks the driver only: no CUDA context in this process, the cases need the memory
+        if not torch.cuda.is_available():
+            raise SystemExit("error: no CUDA GPU here, so each sd15-random case would run on the CPU until its time "
+                             "limit (fix: run it on a GPU, or --teacher tiny to check the code path on the CPU)")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     log, started, results, costs = out / "log.txt", time.perf_counter(), [], None
@@ -244,7 +249,7 @@ def run_case(case, args, out, log, deadline):
 def machine():
     """'<GPU> (driver ...), torch ..., diffusers ..., <date>', without touching CUDA in this process (the cases
     need the GPU)."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
     try:
         gpus = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                               capture_output=True, text=True, timeout=30).stdout.split("\n")
@@ -252,7 +257,12 @@ def machine():
         gpus = []
     gpu = next((f"{name} (driver {driver})" for name, _, driver in (g.partition(", ") for g in gpus) if driver),
                "no GPU")
-    return f"{gpu}, torch {version('torch')}, diffusers {version('diffusers')}, {time.strftime('%Y-%m-%d')}"
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:  # the cases then fail with the import error, each in its log
+            return "not installed"
+    return f"{gpu}, torch {installed('torch')}, diffusers {installed('diffusers')}, {time.strftime('%Y-%m-%d')}"
 
 
 def write_summary(out, results, costs):

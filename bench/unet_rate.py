@@ -145,7 +145,8 @@ def main(argv=None):
     rows.append(("eager", "vae decode", args.vae_batch, sec * 1000, sec / args.vae_batch * 1000, float("nan"),
                  float("nan"), 0.0))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"\n## UNet and VAE per-image costs: {args.teacher}, {latent * 8} px, {dtype}, {name}, torch "
+    pixels = latent * 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # each VAE block halves the image
+    print(f"\n## UNet and VAE per-image costs: {args.teacher}, {pixels} px, {dtype}, {name}, torch "
           f"{torch.__version__}\n\n"
           "| variant | case | batch | ms / call | ms / image | TFLOP/s | peak GiB | s to measure |"
           "\n|---|---|---:|---:|---:|---:|---:|---:|")

@@ -71,3 +71,10 @@ def test_budget_is_a_hard_limit_on_every_case(tmp_path, monkeypatch):
     assert all(90 < t <= 100 for t in limits)
     results = sd_profile.main(args + ["--budget", str(sd_profile.MIN_CASE_SECONDS - 1)])
     assert [r["status"] for r in results] == ["skipped: over --budget"] * 2 and len(limits) == 2
+
+
+def test_without_a_gpu_the_sd15_cases_are_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA GPU here.*--teacher tiny"):
+        sd_profile.main(["--out", str(tmp_path / "bench")])
+    assert not (tmp_path / "bench").exists()

@@ -199,6 +199,8 @@ def test_nan_loss_before_any_checkpoint_says_so(prompt_file, tmp_path, monkeypat
     (["--reward", "pickscore=1"], "unknown reward 'pickscore'"),
     (["--resume"], "--resume but"),
     (["--teacher", "BROKEN"], "could not load teacher"),  # passes the checks, fails in from_pretrained
+    (["--dynars-steps", "0"], "--dynars-steps must be positive"),  # the schedules divide by their horizon
+    (["--rl", "grpo", "--rl-start", "0", "--grpo-eta", "0"], "--grpo-eta 0.0"),  # no log-prob: GRPO would not move
 ])
 def test_bad_input_one_line_error(args, message, prompt_file, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

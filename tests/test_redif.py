@@ -223,7 +223,8 @@ def test_rollouts_run_the_unet_at_the_training_batch_shape(workdir, sample_batch
     """An RL iteration of P*G = 4 rollouts with --train-batch 2: by default the rollouts are sampled 2 at a time,
     the batch shape (2 x CFG = 4 rows) at which rl_update recomputes their log-probs and the E6 reference runs, so
     bf16's shape-dependent kernels cannot move PPO's first ratio off 1; --sample-batch 4 samples all at once."""
-    extra = ["--bc-iters", "0", "--train-batch", "2", "--lr", "1e-4"] + (["--sample-batch", sample_batch] if sample_batch else [])
+    extra = ["--bc-iters", "0", "--train-batch", "2", "--lr", "1e-4"]
+    extra += ["--sample-batch", sample_batch] if sample_batch else []
     cfg, models, rm, weights, cache, optimizer, prompts = tiny_trainer(workdir, *extra)
     cache.get(["a photo of a cat", "a photo of a cat", "a red car on a road", "a red car on a road"], [0, 1, 0, 1])
     rows = []
@@ -689,6 +690,10 @@ def test_aesthetic_reward_loads_the_laion_checkpoint_and_bad_models_are_one_line
                                  {"aesthetic": 1.0}, torch.device("cpu"))
     message = str(e.value)
     assert message.startswith(f"error: could not load reward model {tmp_path / 'bad.pth'}") and "\n" not in message
+    with pytest.raises(SystemExit, match="could not load reward model"):  # in a run: before its folder exists
+        redif.main(tiny_args(workdir, "bad_reward_run", "--reward", "aesthetic=1", "--reward-weights", "pretrained",
+                             "--aesthetic-model", str(tmp_path / "bad.pth")))
+    assert not (workdir / "bad_reward_run").exists()
 
 
 def test_local_diffusers_folder_loads_as_the_teacher(tmp_path):
@@ -764,6 +769,8 @@ def test_bad_inputs(workdir, monkeypatch):
     expect_error(short + ["--steps", "103", "--teacher-steps", "200"], "--steps 103", "use --steps 102")
     expect_error(short + ["--teacher-steps", "1001"], "above the 1000 training timesteps")
     expect_error(["--teacher", "tiny", "--algo", "grpo", "--group", "1"] + base, "--group 1", "--algo ppo")
+    for name in ("--ckpt-every", "--teacher-batch", "--max-nan-skips", "--sample-batch"):  # each would break a loop
+        expect_error(["--teacher", "tiny", name, "0"] + base, f"{name} 0 must be positive")
     (workdir / "empty.txt").write_text("\n  \n")
     expect_error(["--teacher", "tiny", "--prompts", str(workdir / "empty.txt")] + base, "is empty")
     expect_error(["--teacher", "tiny", "--prompts", str(workdir / "missing.txt")] + base, "not found")
