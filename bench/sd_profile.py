@@ -34,6 +34,7 @@ CASES = {  # name: (script, flags, what it trains with LoRA: the floor's trainin
     "redif-lora-gc": ("redif.py", ["--gradient-checkpointing"], "lora"),
     "redif-lora-compile": ("redif.py", ["--compile"], "lora"),
     "redif-lora-sample64": ("redif.py", ["--sample-batch", "64"], "lora"),  # all rollouts in one sampling batch
+    "redif-lora-tb8": ("redif.py", ["--train-batch", "8"], "lora"),  # 16 UNet images a call: the floor's batch
     "redif-full": ("redif.py", ["--finetune", "full"], "full"),
     "redif-full-gc": ("redif.py", ["--finetune", "full", "--gradient-checkpointing"], "full"),
     "dmdr-lora": ("dmdr.py", ["--generator", "lora"], "lora"),
