@@ -258,6 +258,7 @@ def machine():
         gpus = []
     gpu = next((f"{name} (driver {driver})" for name, _, driver in (g.partition(", ") for g in gpus) if driver),
                "no GPU")
+
     def installed(name):
         try:
             return version(name)
