@@ -1034,7 +1034,7 @@ def evaluate(m, cfg, eval_prompts, cache, it, out):
 # ---------------------------------------------------------------------------------------------------
 def generator_state(m):
     if m.lora_generator:
-        return {n: p.detach().clone() for n, p in m.unet.named_parameters() if ".generator." in n}
+        return {n: p.detach().clone() for n, p in generator_params(m).items()}
     return m.gen_unet.state_dict()
 
 
@@ -1129,8 +1129,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "config.json", json.dumps(asdict(cfg), indent=2))  # on --resume: with the changes above
     m.uncond = encode_prompts(m, [""])  # (1, 77, D)
-    gen_params = lora_params(m.unet, "generator") if m.lora_generator else list(m.gen_unet.parameters())
-    opt_g = torch.optim.AdamW(gen_params, lr=cfg.lr)
+    opt_g = torch.optim.AdamW(list(generator_params(m).values()), lr=cfg.lr)
     opt_f = torch.optim.AdamW(lora_params(m.unet, "fake"), lr=cfg.fake_lr)
     torch.manual_seed(cfg.seed)  # training draws start here, whatever model building consumed
     step = load_checkpoint(ckpt, m, opt_g, opt_f) if cfg.resume else 0

@@ -766,14 +766,17 @@ def policy_loss_step(models, latents, old_log_probs, advantages, cond, k, t, t_p
                       clipfrac=(ratio_err > cfg.clip_range).float().mean().item(), ratio_err=ratio_err.max().item())
 
 
+def trainable_params(models):
+    return [p for p in models.student.parameters() if p.requires_grad]
+
+
 def build_optimizer(models):
-    params = [p for p in models.student.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=models.cfg.lr, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)  # DDPO's
+    return torch.optim.AdamW(trainable_params(models), lr=models.cfg.lr, betas=(0.9, 0.999), weight_decay=1e-4,
+                             eps=1e-8)  # DDPO's
 
 
 def optimiser_step(models, optimizer):
-    params = [p for p in models.student.parameters() if p.requires_grad]
-    torch.nn.utils.clip_grad_norm_(params, models.cfg.max_grad_norm)
+    torch.nn.utils.clip_grad_norm_(trainable_params(models), models.cfg.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
