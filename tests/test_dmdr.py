@@ -13,6 +13,10 @@ import torch
 import torch.nn.functional as F
 
 import dmdr
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from toy import dmdr as toy_dmdr
 from toy import diffusion as toy_diffusion
 from toy import redif as toy_redif
@@ -546,39 +550,89 @@ def test_dpo_reference_is_snapshotted_once_and_round_trips(lora_models, prompt_f
 # ---------------------------------------------------------------------------------------------------
 # Learning
 # ---------------------------------------------------------------------------------------------------
-def test_learning_fake_score_tracks_the_generator(prompt_file, tmp_path):
-    """Seeded, short DMDR run (the script's own update functions) on the tiny teacher, measured on a fixed probe
-    batch (fixed z, noise, t): the fake score learns the generator's samples, so its epsilon loss (E9) falls, and
-    the DMD gradient (E8), ~0 at the start because the fake score starts as the teacher, grows as the fake score
-    departs from the teacher. (With random teacher weights there is no data distribution for the generator to
-    reach, so the DMD gradient has nothing to shrink towards; see the report.)"""
-    cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "none", 5, "--steps", "1", "--fake-updates", "5",
-                                    "--fake-lr", "3e-2", "--lr", "1e-4"))
+def gaussian_eps(x_t, abar, mean, var):
+    """The exact epsilon (= -sqrt(1 - abar) x score) of x_t = sqrt(abar) x0 + sqrt(1 - abar) eps for
+    x0 ~ N(mean_c, var) per latent channel c: E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mean) / (abar var + 1 - abar)."""
+    abar, mean = abar.view(-1, 1, 1, 1), torch.as_tensor(mean, dtype=x_t.dtype).view(1, -1, 1, 1)
+    return (1 - abar).sqrt() * (x_t - abar.sqrt() * mean) / (abar * var + 1 - abar)
+
+
+class GaussianScoreUNet(ModelMixin, ConfigMixin, PeftAdapterMixin):
+    """A teacher whose score is known in closed form, behind UNet2DConditionModel's interface (the toy's idea at
+    SD's latent shape): data x0 ~ N(data_mean_c, data_var) per channel, text ignored, so CFG is a no-op. The mean
+    and the log-variance are the outputs of two Linear layers named like attention projections, so dmdr.py's peft
+    LoRAs (fake: to_q, to_v; generator: also to_k, to_out.0, absent here) attach to them and span the family: the
+    fake score can represent the generator's Gaussian exactly, and a K=1 generator x0 = c1 z + c2 mean can reach
+    the data's (its log-variance must rise from log 0.25 to ~2, since the teacher's own one-step output at t=999
+    is the posterior mean: std 0.017, collapsed)."""
+
+    @register_to_config
+    def __init__(self, in_channels=4, sample_size=16, data_mean=(1.0, -1.0, 0.5, 0.0), data_var=0.25):
+        super().__init__()
+        self.mean, self.log_var = torch.nn.Module(), torch.nn.Module()
+        self.mean.to_v, self.log_var.to_q = torch.nn.Linear(1, in_channels, bias=False), torch.nn.Linear(1, 1, bias=False)
+        with torch.no_grad():
+            self.mean.to_v.weight.copy_(torch.tensor(data_mean).view(-1, 1))
+            self.log_var.to_q.weight.fill_(math.log(data_var))
+        self.register_buffer("alphas_cumprod", dmdr.sd_scheduler().alphas_cumprod.float(), persistent=False)
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=True):
+        one = sample.new_ones(1, 1)
+        eps = gaussian_eps(sample, self.alphas_cumprod[timestep], self.mean.to_v(one).view(-1),
+                           self.log_var.to_q(one).exp().view(1, 1, 1, 1))
+        return UNet2DConditionOutput(sample=eps)
+
+
+@pytest.mark.parametrize("generator, lr, iters", [("lora", "1e-3", 200), ("full", "2e-2", 250)])
+def test_learning_dmd_moves_a_collapsed_generator_onto_the_data(generator, lr, iters, prompt_file, tmp_path,
+                                                                  monkeypatch):
+    """Seeded DMDR run (the script's own updates, DynaDG and DynaRS on with a 100-step horizon) on the Gaussian
+    teacher, measured on a fixed probe (z, noise, t). The generator starts as the teacher: its one-step samples are
+    collapsed onto the data mean. Warm-up: 20 rounds of fake updates on that generator, so the E9 loss falls and the
+    DMD gradient (E8) appears. Then DMD spreads the generator onto N(data_mean, 0.25) (std 0.017 -> 0.5 +- 10%, mean
+    within 0.05), the DMD gradient shrinks by over 10x, and the fake score follows: its epsilon stays close to the
+    closed-form epsilon of the generator's current Gaussian. (The fake loss itself rises at the end, as the samples
+    spread: its floor is the generator's own score's loss.) Checked over 6 seeds: every one converges."""
+    tiny = dmdr.load_teacher("tiny")
+    monkeypatch.setattr(dmdr, "load_teacher", lambda name: (GaussianScoreUNet(), *tiny[1:]))
+    cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "none", iters, "--steps", "1", "--generator", generator,
+                                    "--lr", lr, "--fake-lr", "1e-2", "--fake-updates", "5", "--batch-size", "4",
+                                    "--dynadg-steps", "100", "--dynars-steps", "100"))
     m = dmdr.build_models(cfg, torch.device("cpu"))
     m.uncond = dmdr.encode_prompts(m, [""])
-    opt_g = torch.optim.AdamW(dmdr.lora_params(m.unet, "generator"), lr=cfg.lr)
+    opt_g = torch.optim.AdamW(list(dmdr.generator_params(m).values()), lr=cfg.lr)  # as dmdr.main
     opt_f = torch.optim.AdamW(dmdr.lora_params(m.unet, "fake"), lr=cfg.fake_lr)
-    g = torch.Generator().manual_seed(123)
-    z, noise = torch.randn(8, 4, 16, 16, generator=g), torch.randn(8, 4, 16, 16, generator=g)
-    t = torch.tensor([980, 900, 700, 400] * 2)
-    emb = dmdr.encode_prompts(m, [PROMPTS[i % 4] for i in range(8)])
+    g = torch.Generator().manual_seed(1)
+    z, noise = torch.randn(256, 4, 16, 16, generator=g), torch.randn(256, 4, 16, 16, generator=g)
+    t = torch.randint(20, 980, (256,), generator=g)
+    emb = dmdr.encode_prompts(m, PROMPTS[:1]).expand(256, -1, -1)
+    data_mean = torch.tensor(m.unet.config.data_mean)
 
     @torch.no_grad()
     def probe():
         x0 = dmdr.sample_generator(m, z, emb)
         x_t = dmdr.add_noise(x0, noise, m.alphas_cumprod[t])
         dmd = dmdr.dmd_loss(x0, dmdr.real_x0(m, x_t, t, emb, m.uncond, cfg.real_guidance), dmdr.fake_x0(m, x_t, t, emb))
-        return dmdr.fake_score_loss(m, x0, emb, t, noise).item(), math.sqrt(2 * dmd.item())
-    fake_before, grad_before = probe()
+        mean, var = x0.mean((0, 2, 3)), x0.transpose(0, 1).reshape(4, -1).var(1).mean()
+        dmdr.use_adapter(m.unet, "fake")
+        fake_err = (dmdr.unet_eps(m, m.unet, x_t, t, emb) - gaussian_eps(x_t, m.alphas_cumprod[t], mean, var))
+        return dict(fake_loss=dmdr.fake_score_loss(m, x0, emb, t, noise).item(), grad=math.sqrt(2 * dmd.item()),
+                    mean=mean, std=var.sqrt().item(), fake_err=fake_err.pow(2).mean().sqrt().item())
     torch.manual_seed(0)
+    start = probe()
+    for _ in range(20):
+        dmdr.fake_updates(m, cfg, opt_f, 0, PROMPTS[:4])
+    warm = probe()
     for step in range(cfg.iters):
-        row = dmdr.generator_update(m, cfg, opt_g, step, dmdr.pick_prompts(PROMPTS[:4], cfg.batch_size))
-        row.update(dmdr.fake_updates(m, cfg, opt_f, step, PROMPTS[:4]))
-        assert math.isfinite(row["dmd_loss"]) and math.isfinite(row["fake_loss"])
-    fake_after, grad_after = probe()
-    print(f"fake loss {fake_before:.4f} -> {fake_after:.4f}; DMD grad RMS {grad_before:.4f} -> {grad_after:.4f}")
-    assert fake_after < 0.97 * fake_before  # over half the learnable part above the ~1.0 floor is gone
-    assert grad_before < 0.01 and grad_after > 10 * grad_before
+        dmdr.generator_update(m, cfg, opt_g, step, dmdr.pick_prompts(PROMPTS[:4], cfg.batch_size))
+        dmdr.fake_updates(m, cfg, opt_f, step, PROMPTS[:4])
+    end = probe()
+    print({k: {n: v for n, v in d.items() if n != "mean"} for k, d in dict(start=start, warm=warm, end=end).items()})
+    assert start["std"] < 0.02 and start["grad"] < 1e-6  # collapsed; the fake score is still the teacher
+    assert warm["fake_loss"] < 0.1 * start["fake_loss"] and warm["grad"] > 1.0
+    assert (end["mean"] - data_mean).abs().max() < 0.05 and abs(end["std"] - 0.5) < 0.05
+    assert end["grad"] < 0.1 * warm["grad"]
+    assert end["fake_err"] < 0.1 * start["fake_err"], (start["fake_err"], end["fake_err"])
 
 
 # ---------------------------------------------------------------------------------------------------
