@@ -592,7 +592,8 @@ def test_learning_dmd_moves_a_collapsed_generator_onto_the_data(generator, lr, i
     DMD gradient (E8) appears. Then DMD spreads the generator onto N(data_mean, 0.25) (std 0.017 -> 0.5 +- 10%, mean
     within 0.05), the DMD gradient shrinks by over 10x, and the fake score follows: its epsilon stays close to the
     closed-form epsilon of the generator's current Gaussian. (The fake loss itself rises at the end, as the samples
-    spread: its floor is the generator's own score's loss.) Checked over 6 seeds: every one converges."""
+    spread: its floor is the generator's own score's loss.) Checked over 6 seeds: every one converges. K=1: with
+    K>1 the fake score learns the mixture of backward simulation's steps, which one Gaussian can only moment-match."""
     tiny = dmdr.load_teacher("tiny")
     monkeypatch.setattr(dmdr, "load_teacher", lambda name: (GaussianScoreUNet(), *tiny[1:]))
     cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "none", iters, "--steps", "1", "--generator", generator,
