@@ -38,6 +38,7 @@ import copy
 import functools
 import gzip
 import json
+import logging
 import math
 import os
 import random
@@ -48,6 +49,7 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -55,6 +57,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+
+def drop_empty_fp32_notice(record):
+    """diffusers 0.42 logs "modules ... should be kept in float32: []" on every dtype cast, even when the list is
+    empty (SD's UNet and VAE keep none): drop that record; keep it when it names modules."""
+    return "kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(drop_empty_fp32_notice)
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SUPPORTED_STEPS = (1, 2, 4)  # our choice: trailing grids that divide 1000
@@ -367,7 +378,9 @@ def build_models(cfg, device):
     unet.add_adapter(LoraConfig(r=cfg.fake_lora_rank, lora_alpha=cfg.fake_lora_scale * cfg.fake_lora_rank,
                                 target_modules=["to_q", "to_v"], init_lora_weights=True), adapter_name="fake")
     if cfg.generator == "lora":  # B = 0 at init, so the generator starts exactly as the teacher
-        unet.add_adapter(generator_lora_config(cfg), adapter_name="generator")
+        with warnings.catch_warnings():  # peft warns of a second adapter on one model: here that is the point
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            unet.add_adapter(generator_lora_config(cfg), adapter_name="generator")
         gen_unet = unet
     for p in lora_params(unet, "fake") + lora_params(unet, "generator"):
         p.data = p.data.float()  # trainable adapters stay fp32 over bf16 base weights

@@ -1,3 +1,4 @@
+import logging
 import os
 import sys
 
@@ -62,3 +63,14 @@ def run_offline_hub(cache, code):
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
+
+
+@pytest.fixture
+def modeling_log():
+    """diffusers' modeling logger and the records that pass its filters during the test -> (logger, records)."""
+    log, records = logging.getLogger("diffusers.models.modeling_utils"), []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log.addHandler(handler)
+    yield log, records
+    log.removeHandler(handler)

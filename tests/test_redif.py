@@ -43,6 +43,17 @@ def tiny_trainer(workdir, *extra):
     return cfg, models, rm, weights, cache, redif.build_optimizer(models), prompts
 
 
+def test_setting_up_the_models_prints_no_upstream_noise(workdir, modeling_log):
+    """SD's UNet and VAE keep no module in float32, yet diffusers 0.42 says they do on every dtype cast: that
+    notice does not reach the user, one that names modules still does."""
+    log, records = modeling_log
+    cfg = redif.parse_args(tiny_args(workdir, "unused", "--precision", "bf16"))
+    redif.setup_models(cfg, redif.load_pipeline(cfg), torch.device("cpu"))
+    assert records == [] and redif.drop_empty_fp32_notice in log.filters
+    log.warning("modules should be kept in float32: ['norm']")
+    assert [r.getMessage() for r in records] == ["modules should be kept in float32: ['norm']"]
+
+
 def read_metrics(folder):
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
