@@ -14,10 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import dmdr
-from diffusers import ConfigMixin, ModelMixin
-from diffusers.configuration_utils import register_to_config
-from diffusers.loaders import PeftAdapterMixin
-from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from gaussian_teacher import GaussianScoreUNet, gaussian_eps
 from toy import dmdr as toy_dmdr
 from toy import diffusion as toy_diffusion
 from toy import redif as toy_redif
@@ -564,39 +561,6 @@ def test_dpo_reference_is_snapshotted_once_and_round_trips(lora_models, prompt_f
 # ---------------------------------------------------------------------------------------------------
 # Learning
 # ---------------------------------------------------------------------------------------------------
-def gaussian_eps(x_t, abar, mean, var):
-    """The exact epsilon (= -sqrt(1 - abar) x score) of x_t = sqrt(abar) x0 + sqrt(1 - abar) eps for
-    x0 ~ N(mean_c, var) per latent channel c: E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mean) / (abar var + 1 - abar)."""
-    abar, mean = abar.view(-1, 1, 1, 1), torch.as_tensor(mean, dtype=x_t.dtype).view(1, -1, 1, 1)
-    return (1 - abar).sqrt() * (x_t - abar.sqrt() * mean) / (abar * var + 1 - abar)
-
-
-class GaussianScoreUNet(ModelMixin, ConfigMixin, PeftAdapterMixin):
-    """A teacher whose score is known in closed form, behind UNet2DConditionModel's interface (the toy's idea at
-    SD's latent shape): data x0 ~ N(data_mean_c, data_var) per channel, text ignored, so CFG is a no-op. The mean
-    and the log-variance are the outputs of two Linear layers named like attention projections, so dmdr.py's peft
-    LoRAs (fake: to_q, to_v; generator: also to_k, to_out.0, absent here) attach to them and span the family: the
-    fake score can represent the generator's Gaussian exactly, and a K=1 generator x0 = c1 z + c2 mean can reach
-    the data's (its log-variance must rise from log 0.25 to ~2, since the teacher's own one-step output at t=999
-    is the posterior mean: std 0.017, collapsed)."""
-
-    @register_to_config
-    def __init__(self, in_channels=4, sample_size=16, data_mean=(1.0, -1.0, 0.5, 0.0), data_var=0.25):
-        super().__init__()
-        self.mean, self.log_var = torch.nn.Module(), torch.nn.Module()
-        self.mean.to_v, self.log_var.to_q = torch.nn.Linear(1, in_channels, bias=False), torch.nn.Linear(1, 1, bias=False)
-        with torch.no_grad():
-            self.mean.to_v.weight.copy_(torch.tensor(data_mean).view(-1, 1))
-            self.log_var.to_q.weight.fill_(math.log(data_var))
-        self.register_buffer("alphas_cumprod", dmdr.sd_scheduler().alphas_cumprod.float(), persistent=False)
-
-    def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=True):
-        one = sample.new_ones(1, 1)
-        eps = gaussian_eps(sample, self.alphas_cumprod[timestep], self.mean.to_v(one).view(-1),
-                           self.log_var.to_q(one).exp().view(1, 1, 1, 1))
-        return UNet2DConditionOutput(sample=eps)
-
-
 @pytest.mark.parametrize("generator, lr, iters", [("lora", "1e-3", 200), ("full", "2e-2", 250)])
 def test_learning_dmd_moves_a_collapsed_generator_onto_the_data(generator, lr, iters, prompt_file, tmp_path,
                                                                   monkeypatch):

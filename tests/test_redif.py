@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import redif
+from gaussian_teacher import GaussianScoreUNet
 
 # 8 px images (4x4 latents), 2 student steps, 10 teacher steps: every test here takes seconds
 TINY = ["--teacher", "tiny", "--device", "cpu", "--resolution", "8", "--steps", "2", "--teacher-steps", "10",
@@ -396,6 +397,31 @@ def test_learning_latent_reward_raises_held_out_alignment(workdir):
     before, after = evals[0]["eval_reward"], evals[-1]["eval_reward"]
     print(f"held-out alignment reward (-latent MSE): before {before:.4f} after {after:.4f}")
     assert after > before + 0.10 * abs(before)
+
+
+def test_learning_grpo_matches_the_closed_form_teachers_map(workdir, tmp_path, monkeypatch):
+    """The same recipe on a teacher whose score is known in closed form (tests/gaussian_teacher.py): the teacher's
+    10-step DDIM map and the 1-step student's are both affine in x_T, so the student's LoRA can match it exactly.
+    The student starts collapsed onto the data mean (its one step from t=999 is a posterior mean); 40 iterations
+    of GRPO on the latent reward cut the held-out alignment error (-eval_reward) by over 90 %. Measured 0.124 ->
+    0.0003-0.0022 over seeds 0-4."""
+    tiny = redif.build_offline_pipeline
+
+    def gaussian_pipeline(alias):
+        pipe = tiny("tiny")
+        pipe.unet = GaussianScoreUNet(sample_size=pipe.unet.config.sample_size)
+        return pipe
+    monkeypatch.setattr(redif, "build_offline_pipeline", gaussian_pipeline)
+    redif.main(["--teacher", "tiny", "--device", "cpu", "--resolution", "8", "--steps", "1", "--teacher-steps", "10",
+                "--prompts", str(workdir / "prompts.txt"), "--teacher-cache", str(tmp_path / "cache"),
+                "--out", str(tmp_path / "out"), "--reward", "latent=1", "--bc-iters", "0", "--iters", "40",
+                "--group", "8", "--prompts-per-iter", "8", "--seed-pool", "32", "--lr", "2e-2", "--minibatches", "1",
+                "--train-batch", "64", "--beta", "0", "--student-guidance", "1", "--eval-every", "0",
+                "--eval-pairs", "8"])
+    evals = [r for r in read_metrics(tmp_path / "out") if r["phase"] == "eval"]
+    before, after = -evals[0]["eval_reward"], -evals[-1]["eval_reward"]
+    print(f"held-out alignment error (latent MSE to the teacher): before {before:.4f} after {after:.4f}")
+    assert before > 0.1 and after < 0.1 * before
 
 
 def test_ppo_with_full_finetune_and_gradient_checkpointing(workdir):
