@@ -1103,10 +1103,14 @@ def save_generator(m, cfg, folder):
     timestep_scaling), so StableDiffusionPipeline(..., num_inference_steps=K, guidance_scale=0) = sample_generator.
     The frozen parts are reloaded in float32: in memory they may be bf16, and rounding the teacher is lossy."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
     unet, vae, text_encoder, tokenizer = load_teacher(cfg.teacher)
+    lora = None
     if m.lora_generator:
         unet.add_adapter(generator_lora_config(cfg), adapter_name="generator")
         unet.load_state_dict({n: p for n, p in m.unet.state_dict().items() if ".generator." in n}, strict=False)
+        lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name="generator"))
         unet.fuse_lora(adapter_names=["generator"])
         unet.unload_lora()
     else:
@@ -1118,6 +1122,8 @@ def save_generator(m, cfg, folder):
     tmp, old = Path(f"{folder}.tmp"), Path(f"{folder}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)  # then swapped in: a crash never leaves a half-written generator folder
+    if lora is not None:  # the LoRA alone too (MBs), for load_lora_weights on the teacher (alpha = r: scale 1)
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora)
     if Path(folder).exists():
         os.replace(folder, old)
     os.replace(tmp, folder)

@@ -1008,12 +1008,16 @@ def load_checkpoint(path, models, optimizer, tracker):
 def save_student(models, folder):
     """A stock diffusers pipeline: the teacher's float32 components, the student's UNet (LoRA merged) and DDIM
     with trailing spacing, so `pipe(prompt, num_inference_steps=K, eta=0.0)` is the student's own sampler."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
     cfg = models.cfg
     pipe = load_pipeline(cfg)  # fresh float32 weights (on CUDA the frozen parts in memory are bf16)
-    state = trainable_state(models.student)
+    state, lora = trainable_state(models.student), None
     if cfg.finetune == "lora":
         pipe.unet.add_adapter(lora_config(cfg))
         pipe.unet.load_state_dict(state, strict=False)
+        lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
         pipe.unet.fuse_lora()
         pipe.unet.unload_lora()
     else:
@@ -1022,6 +1026,8 @@ def save_student(models, folder):
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # a save cut short earlier
     pipe.save_pretrained(tmp)
+    if lora is not None:  # the LoRA alone too (MBs), for load_lora_weights on the teacher (alpha = r: scale 1)
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora)
     (tmp / "redif.json").write_text(json.dumps(dict(num_inference_steps=cfg.steps, guidance_scale=cfg.student_guidance,
                                                     eta=0.0)))
     replace_folder(tmp, folder)

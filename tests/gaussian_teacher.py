@@ -16,7 +16,8 @@ def sd_alphas_cumprod():
 
 def gaussian_eps(x_t, abar, mean, var):
     """The exact epsilon (= -sqrt(1 - abar) x score) of x_t = sqrt(abar) x0 + sqrt(1 - abar) eps for
-    x0 ~ N(mean_c, var) per latent channel c: E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mean) / (abar var + 1 - abar)."""
+    x0 ~ N(mean_c, var) per latent channel c:
+    E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mean) / (abar var + 1 - abar)."""
     abar, mean = abar.view(-1, 1, 1, 1), torch.as_tensor(mean, dtype=x_t.dtype).view(1, -1, 1, 1)
     return (1 - abar).sqrt() * (x_t - abar.sqrt() * mean) / (abar * var + 1 - abar)
 
@@ -36,7 +37,8 @@ class GaussianScoreUNet(ModelMixin, ConfigMixin, PeftAdapterMixin):
                  block_out_channels=(1,)):  # one block: no downsampling (redif.py sizes latents by it)
         super().__init__()
         self.mean, self.log_var = torch.nn.Module(), torch.nn.Module()
-        self.mean.to_v, self.log_var.to_q = torch.nn.Linear(1, in_channels, bias=False), torch.nn.Linear(1, 1, bias=False)
+        self.mean.to_v = torch.nn.Linear(1, in_channels, bias=False)
+        self.log_var.to_q = torch.nn.Linear(1, 1, bias=False)
         with torch.no_grad():
             self.mean.to_v.weight.copy_(torch.tensor(data_mean).view(-1, 1))
             self.log_var.to_q.weight.fill_(math.log(data_var))

@@ -99,7 +99,8 @@ def test_end_to_end(runs, rl):
 
 
 def test_saved_pipeline_samples_like_the_generator(runs, prompt_file):
-    """Stock diffusers on the saved folder (LoRA generator merged, LCMScheduler) == our own K-step sampler."""
+    """Stock diffusers on the saved folder (LoRA generator merged, LCMScheduler) == our own K-step sampler, and
+    so is the teacher's pipeline with the folder's LoRA file loaded by load_lora_weights."""
     from diffusers import StableDiffusionPipeline
     rl = "none"
     out = runs[rl]
@@ -120,6 +121,15 @@ def test_saved_pipeline_samples_like_the_generator(runs, prompt_file):
     ours = dmdr.sample_generator(m, z, dmdr.encode_prompts(m, PROMPTS[:2]), generator=torch.Generator().manual_seed(11))
     print(f"pipeline vs sampler: max |diff| {(latents - ours).abs().max():.2e}, max |x| {ours.abs().max():.1f}")
     assert torch.allclose(latents, ours, atol=1e-4, rtol=1e-4), (latents - ours).abs().max()
+    unet, vae, text_encoder, tokenizer = dmdr.load_teacher("tiny")
+    base = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    base.load_lora_weights(out / "generator")  # the LoRA alone, on the teacher: the same generator
+    base.set_progress_bar_config(disable=True)
+    lora = base(PROMPTS[:2], num_inference_steps=2, guidance_scale=0, latents=z.clone(), output_type="latent",
+                generator=torch.Generator().manual_seed(11)).images
+    assert torch.allclose(lora, ours, atol=1e-4, rtol=1e-4), (lora - ours).abs().max()
     teacher = dmdr.random_teacher("tiny")[0]
     assert any(not torch.equal(p, q) for p, q in zip(pipe.unet.parameters(), teacher.parameters()))  # trained
     full = StableDiffusionPipeline.from_pretrained(runs["refl"] / "generator").unet.state_dict()  # a full generator

@@ -253,7 +253,8 @@ def test_rollouts_run_the_unet_at_the_training_batch_shape(workdir, sample_batch
 
 def test_saved_student_in_a_stock_pipeline_is_the_students_own_sampler(full_run):
     """StableDiffusionPipeline.from_pretrained(out/student) with K steps and eta 0 reproduces redif's sampler
-    with the trained (LoRA) weights, and differs from the teacher's weights, so the LoRA was merged."""
+    with the trained (LoRA) weights, and differs from the teacher's weights, so the LoRA was merged; the LoRA
+    file in the folder, loaded onto the teacher's pipeline with load_lora_weights, reproduces it too."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     cfg = redif.Config(**json.loads((full_run / "config.json").read_text()))
     models = redif.setup_models(cfg, redif.load_pipeline(cfg), torch.device("cpu"))
@@ -272,6 +273,8 @@ def test_saved_student_in_a_stock_pipeline_is_the_students_own_sampler(full_run)
     teacher_pipe = redif.load_pipeline(cfg)  # the same pipeline with the teacher's UNet
     teacher_weights = teacher_pipe(prompts, latents=x_T.clone(), **kwargs).images
     assert (teacher_weights - ours).abs().max() > 1e-3
+    teacher_pipe.load_lora_weights(full_run / "student")  # the LoRA alone, on the teacher: the same student
+    torch.testing.assert_close(teacher_pipe(prompts, latents=x_T.clone(), **kwargs).images, ours, rtol=1e-4, atol=1e-4)
     assert json.loads((full_run / "student" / "redif.json").read_text())["num_inference_steps"] == 2
 
 
