@@ -445,6 +445,7 @@ def test_ppo_with_full_finetune_and_gradient_checkpointing(workdir):
     teacher = redif.load_pipeline(cfg).unet.state_dict()
     student = UNet2DConditionModel.from_pretrained(out / "student" / "unet").state_dict()
     assert set(student) == set(teacher) and len(ckpt["trainable"]) == len(teacher)
+    assert not (out / "student" / "pytorch_lora_weights.safetensors").exists()  # no LoRA to save alone
     assert max((student[k] - teacher[k]).abs().max().item() for k in teacher) > 1e-6
 
 
