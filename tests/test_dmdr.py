@@ -571,26 +571,41 @@ def test_dpo_reference_is_snapshotted_once_and_round_trips(lora_models, prompt_f
 # ---------------------------------------------------------------------------------------------------
 # Learning
 # ---------------------------------------------------------------------------------------------------
+def gaussian_run(monkeypatch, prompt_file, tmp_path, rl, iters, *flags):
+    """dmdr.py's models on the Gaussian teacher (tests/gaussian_teacher.py; K=1, DynaDG and DynaRS on with a
+    100-step horizon) and its two optimisers as main builds them, and a train(start, stop) loop of dmdr's own
+    updates -> cfg, models, train."""
+    tiny = dmdr.load_teacher("tiny")
+    monkeypatch.setattr(dmdr, "load_teacher", lambda name: (GaussianScoreUNet(), *tiny[1:]))
+    cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, rl, iters, "--steps", "1", "--fake-lr", "1e-2",
+                                    "--fake-updates", "5", "--batch-size", "4", "--dynadg-steps", "100",
+                                    "--dynars-steps", "100", *flags))
+    m = dmdr.build_models(cfg, torch.device("cpu"))
+    m.uncond = dmdr.encode_prompts(m, [""])
+    opt_g = torch.optim.AdamW(list(dmdr.generator_params(m).values()), lr=cfg.lr)
+    opt_f = torch.optim.AdamW(dmdr.lora_params(m.unet, "fake"), lr=cfg.fake_lr)
+
+    def train(start, stop, generator=True):
+        for step in range(start, stop):
+            if generator:
+                dmdr.generator_update(m, cfg, opt_g, step, dmdr.pick_prompts(PROMPTS[:4], cfg.batch_size))
+            dmdr.fake_updates(m, cfg, opt_f, step, PROMPTS[:4])
+    return cfg, m, train
+
+
 @pytest.mark.parametrize("generator, lr, iters", [("lora", "1e-3", 200), ("full", "2e-2", 250)])
 def test_learning_dmd_moves_a_collapsed_generator_onto_the_data(generator, lr, iters, prompt_file, tmp_path,
                                                                   monkeypatch):
-    """Seeded DMDR run (the script's own updates, DynaDG and DynaRS on with a 100-step horizon) on the Gaussian
-    teacher, measured on a fixed probe (z, noise, t). The generator starts as the teacher: its one-step samples are
-    collapsed onto the data mean. Warm-up: 20 rounds of fake updates on that generator, so the E9 loss falls and the
-    DMD gradient (E8) appears. Then DMD spreads the generator onto N(data_mean, 0.25) (std 0.017 -> 0.5 +- 10%, mean
-    within 0.05), the DMD gradient shrinks by over 10x, and the fake score follows: its epsilon stays close to the
-    closed-form epsilon of the generator's current Gaussian. (The fake loss itself rises at the end, as the samples
-    spread: its floor is the generator's own score's loss.) Checked over 6 seeds: every one converges. K=1: with
-    K>1 the fake score learns the mixture of backward simulation's steps, which one Gaussian can only moment-match."""
-    tiny = dmdr.load_teacher("tiny")
-    monkeypatch.setattr(dmdr, "load_teacher", lambda name: (GaussianScoreUNet(), *tiny[1:]))
-    cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "none", iters, "--steps", "1", "--generator", generator,
-                                    "--lr", lr, "--fake-lr", "1e-2", "--fake-updates", "5", "--batch-size", "4",
-                                    "--dynadg-steps", "100", "--dynars-steps", "100"))
-    m = dmdr.build_models(cfg, torch.device("cpu"))
-    m.uncond = dmdr.encode_prompts(m, [""])
-    opt_g = torch.optim.AdamW(list(dmdr.generator_params(m).values()), lr=cfg.lr)  # as dmdr.main
-    opt_f = torch.optim.AdamW(dmdr.lora_params(m.unet, "fake"), lr=cfg.fake_lr)
+    """Seeded DMDR run on the Gaussian teacher, measured on a fixed probe (z, noise, t). The generator starts as
+    the teacher: its one-step samples are collapsed onto the data mean. Warm-up: 20 rounds of fake updates on that
+    generator, so the E9 loss falls and the DMD gradient (E8) appears. Then DMD spreads the generator onto
+    N(data_mean, 0.25) (std 0.017 -> 0.5 +- 10%, mean within 0.05), the DMD gradient shrinks by over 10x, and the
+    fake score follows: its epsilon stays close to the closed-form epsilon of the generator's current Gaussian.
+    (The fake loss itself rises at the end, as the samples spread: its floor is the generator's own score's
+    loss.) Checked over 6 seeds: every one converges. K=1: with K>1 the fake score learns the mixture of backward
+    simulation's steps, which one Gaussian can only moment-match."""
+    cfg, m, train = gaussian_run(monkeypatch, prompt_file, tmp_path, "none", iters, "--generator", generator,
+                                 "--lr", lr)
     g = torch.Generator().manual_seed(1)
     z, noise = torch.randn(256, 4, 16, 16, generator=g), torch.randn(256, 4, 16, 16, generator=g)
     t = torch.randint(20, 980, (256,), generator=g)
@@ -609,12 +624,9 @@ def test_learning_dmd_moves_a_collapsed_generator_onto_the_data(generator, lr, i
                     mean=mean, std=var.sqrt().item(), fake_err=fake_err.pow(2).mean().sqrt().item())
     torch.manual_seed(0)
     start = probe()
-    for _ in range(20):
-        dmdr.fake_updates(m, cfg, opt_f, 0, PROMPTS[:4])
+    train(0, 20, generator=False)
     warm = probe()
-    for step in range(cfg.iters):
-        dmdr.generator_update(m, cfg, opt_g, step, dmdr.pick_prompts(PROMPTS[:4], cfg.batch_size))
-        dmdr.fake_updates(m, cfg, opt_f, step, PROMPTS[:4])
+    train(0, cfg.iters)
     end = probe()
     print({k: {n: v for n, v in d.items() if n != "mean"} for k, d in dict(start=start, warm=warm, end=end).items()})
     assert start["std"] < 0.02 and start["grad"] < 1e-6  # collapsed; the fake score is still the teacher
@@ -622,6 +634,31 @@ def test_learning_dmd_moves_a_collapsed_generator_onto_the_data(generator, lr, i
     assert (end["mean"] - data_mean).abs().max() < 0.05 and abs(end["std"] - 0.5) < 0.05
     assert end["grad"] < 0.1 * warm["grad"]
     assert end["fake_err"] < 0.1 * start["fake_err"], (start["fake_err"], end["fake_err"])
+
+
+def test_learning_refl_weight_trades_distance_to_the_data_for_reward(prompt_file, tmp_path, monkeypatch):
+    """E12 on the Gaussian teacher: one seeded DMDR run (LoRA generator) per lambda_rl = 0, 10, 100, with ReFL on
+    the clip_text reward (random CLIP on the tiny VAE's images) from iteration 50 of 100. On a fixed probe, the
+    reward rises with lambda_rl (measured -0.001, 0.023, 0.055) and so does the drift of the generator's channel
+    means from the data's (0.02, 0.23, 1.1); other seeds gave the same order by as wide margins. L_dmd holds the
+    generator to the data distribution, and lambda_rl sets how far the reward may pull it away."""
+    rewards, drifts = [], []
+    for i, weight in enumerate([0, 10, 100]):
+        rl = ["refl", "--rl-weight", str(weight), "--rl-start", "50"] if weight else ["none"]
+        cfg, m, train = gaussian_run(monkeypatch, prompt_file, tmp_path / str(i), rl[0], 100, "--generator", "lora",
+                                     "--lr", "1e-3", *rl[1:])
+        torch.manual_seed(0)
+        train(0, 20, generator=False)
+        train(0, cfg.iters)
+        z = torch.randn(32, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+        prompts = [PROMPTS[j % 4] for j in range(32)]
+        with torch.no_grad():
+            x0 = dmdr.sample_generator(m, z, dmdr.encode_prompts(m, prompts))
+            rewards.append(dmdr.reward_fn(m, cfg, dmdr.decode(m, x0), prompts).mean().item())
+        drifts.append((x0.mean((0, 2, 3)) - torch.tensor(m.unet.config.data_mean)).abs().max().item())
+    print(f"lambda_rl 0, 10, 100: reward {rewards}, drift of the mean {drifts}")
+    assert rewards[0] + 0.01 < rewards[1] < rewards[2] - 0.01
+    assert drifts[0] < 0.05 < drifts[1] < 0.5 < drifts[2]
 
 
 # ---------------------------------------------------------------------------------------------------
