@@ -1109,7 +1109,7 @@ def save_generator(m, cfg, folder):
     lora = None
     if m.lora_generator:
         unet.add_adapter(generator_lora_config(cfg), adapter_name="generator")
-        unet.load_state_dict({n: p for n, p in m.unet.state_dict().items() if ".generator." in n}, strict=False)
+        unet.load_state_dict(generator_params(m), strict=False)
         lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name="generator"))
         unet.fuse_lora(adapter_names=["generator"])
         unet.unload_lora()

@@ -3,15 +3,12 @@ that need a data distribution to converge to (a random-weight UNet has none)."""
 import math
 
 import torch
-from diffusers import ConfigMixin, DDIMScheduler, ModelMixin
+from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-
-def sd_alphas_cumprod():
-    """SD's noise schedule (scaled_linear, 1000 steps), as both scripts use it."""
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod.float()
+import dmdr  # its SD noise schedule, the one both scripts use
 
 
 def gaussian_eps(x_t, abar, mean, var):
@@ -42,7 +39,7 @@ class GaussianScoreUNet(ModelMixin, ConfigMixin, PeftAdapterMixin):
         with torch.no_grad():
             self.mean.to_v.weight.copy_(torch.tensor(data_mean).view(-1, 1))
             self.log_var.to_q.weight.fill_(math.log(data_var))
-        self.register_buffer("alphas_cumprod", sd_alphas_cumprod(), persistent=False)
+        self.register_buffer("alphas_cumprod", dmdr.sd_scheduler().alphas_cumprod.float(), persistent=False)
 
     def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=True):
         one = sample.new_ones(1, 1)

@@ -115,8 +115,7 @@ def test_saved_pipeline_samples_like_the_generator(runs, prompt_file):
         assert pipe.scheduler.timesteps.tolist() == dmdr.trailing_timesteps(k).tolist()
     cfg = dmdr.parse_args(tiny_args(prompt_file, out, rl))
     m = dmdr.build_models(cfg, torch.device("cpu"))
-    gen_params = dmdr.lora_params(m.unet, "generator") if m.lora_generator else list(m.gen_unet.parameters())
-    dmdr.load_checkpoint(out / "checkpoint.pt", m, torch.optim.AdamW(gen_params),
+    dmdr.load_checkpoint(out / "checkpoint.pt", m, torch.optim.AdamW(list(dmdr.generator_params(m).values())),
                          torch.optim.AdamW(dmdr.lora_params(m.unet, "fake")))
     ours = dmdr.sample_generator(m, z, dmdr.encode_prompts(m, PROMPTS[:2]), generator=torch.Generator().manual_seed(11))
     print(f"pipeline vs sampler: max |diff| {(latents - ours).abs().max():.2e}, max |x| {ours.abs().max():.1f}")

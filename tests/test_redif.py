@@ -258,7 +258,7 @@ def test_saved_student_in_a_stock_pipeline_is_the_students_own_sampler(full_run)
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     cfg = redif.Config(**json.loads((full_run / "config.json").read_text()))
     models = redif.setup_models(cfg, redif.load_pipeline(cfg), torch.device("cpu"))
-    optimizer = torch.optim.AdamW([p for p in models.student.parameters() if p.requires_grad])
+    optimizer = redif.build_optimizer(models)
     assert redif.load_checkpoint(full_run / "checkpoint.pt", models, optimizer, None)[0] == 4
     prompts, seeds = ["a photo of a cat", "a red car on a road"], [7, 8]
     x_T = redif.initial_noise(seeds, models.latent_size, models.device)
