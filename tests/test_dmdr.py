@@ -365,7 +365,9 @@ def test_real_and_fake_share_base_weights(lora_models, prompt_file, tmp_path):
         half = dmdr.real_x0(m, x, t, emb, m.uncond, 1.0, 0.5)
     assert torch.allclose(real, teacher, atol=1e-5)
     assert (fake - dmdr.real_x0(m, x, t, emb, m.uncond, 1.0, 0.0)).abs().max() > 1e-3
-    assert torch.allclose(mixed, fake, atol=1e-6)
+    # equal up to float32 rounding: the CFG call runs at batch 2B, not B, eps_u + 1 (eps_c - eps_u) is not eps_c
+    # bit for bit, and x0 at t = 700 scales eps's error by 1/sqrt(abar) ~ 3 (measured 4e-6 on |x0| up to 15)
+    assert torch.allclose(mixed, fake, rtol=1e-5, atol=1e-5)
     rng = torch.get_rng_state()  # evaluation's teacher sampler leaves the training RNG alone (exact resume)
     ddim = dmdr.teacher_sample(m, x, emb, m.uncond, 3, 7.5)
     assert torch.equal(rng, torch.get_rng_state()) and torch.isfinite(ddim).all()
