@@ -365,6 +365,18 @@ def frozen_dtype(cfg, device):
     return torch.bfloat16 if bf16 else torch.float32
 
 
+def run_summary(cfg, device):
+    """The line a run starts with, and a warning when --device auto found no GPU for a Stable Diffusion-sized
+    teacher (it would run, hours an iteration, rather than stop)."""
+    dtype = str(frozen_dtype(cfg, device)).removeprefix("torch.")
+    line = (f"dmdr: teacher {cfg.teacher} on {device.type} ({dtype}), {cfg.generator} generator, {cfg.steps} steps, "
+            f"rl {cfg.rl}, {cfg.iters} iterations, out {cfg.out}")
+    if device.type == "cpu" and cfg.teacher != "tiny":
+        line += (f"\nwarning: no GPU in use; a teacher of Stable Diffusion's size ({cfg.teacher}) takes hours per "
+                 "iteration on a CPU (--device cuda stops with an error when CUDA is missing)")
+    return line
+
+
 def build_models(cfg, device):
     from peft import LoraConfig
     dtype = frozen_dtype(cfg, device)
@@ -1142,6 +1154,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out = Path(cfg.out)
     ckpt = out / "checkpoint.pt"
+    print(run_summary(cfg, device))
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
 
     m = build_models(cfg, device)  # a teacher or reward model that fails to load leaves no run folder behind

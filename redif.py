@@ -1098,6 +1098,18 @@ def pick_device(cfg):
     return torch.device("cuda")
 
 
+def run_summary(cfg, device):
+    """The line a run starts with, and a warning when --device auto found no GPU for a Stable Diffusion-sized
+    teacher (it would run, hours an iteration, rather than stop)."""
+    dtype = str(frozen_dtype(cfg, device)).removeprefix("torch.")
+    line = (f"redif: teacher {cfg.teacher} on {device.type} ({dtype}), {cfg.finetune} student, {cfg.steps} steps, "
+            f"{cfg.bc_iters} BC + {cfg.iters} {cfg.algo} iterations (G={cfg.group}), out {cfg.out}")
+    if device.type == "cpu" and cfg.teacher != "tiny":
+        line += (f"\nwarning: no GPU in use; a teacher of Stable Diffusion's size ({cfg.teacher}) takes hours per "
+                 "iteration on a CPU (--device cuda stops with an error when CUDA is missing)")
+    return line
+
+
 def check_out_dir(cfg, out):
     """Never overwrite a run: a fresh run needs a fresh --out, --resume a checkpoint there."""
     if cfg.resume and not (out / "checkpoint.pt").exists():
@@ -1204,6 +1216,7 @@ def main(argv=None):
         cfg.lr = 3e-4 if cfg.finetune == "lora" else 1e-5
     out, device = Path(cfg.out), pick_device(cfg)
     check_out_dir(cfg, out)
+    print(run_summary(cfg, device))
     pipe = load_pipeline(cfg)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     unit = vae_scale * 2 ** (len(pipe.unet.config.block_out_channels) - 1)  # each UNet block halves the latent

@@ -200,6 +200,19 @@ def test_nan_loss_before_any_checkpoint_says_so(prompt_file, tmp_path, monkeypat
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
+def test_run_summary_names_device_and_precision_and_warns_of_a_cpu_run_at_sd_scale():
+    """The run's first line says where it runs and in what precision; --device auto without a GPU on a real
+    teacher warns (the run would take hours an iteration), the tiny teacher on the CPU does not."""
+    def summary(device, *args):
+        return dmdr.run_summary(dmdr.parse_args(list(args)), torch.device(device)).splitlines()
+
+    assert summary("cuda") == ["dmdr: teacher sd15 on cuda (bfloat16), full generator, 4 steps, rl refl, "
+                               "40000 iterations, out runs/dmdr"]
+    assert summary("cpu", "--teacher", "tiny", "--rl", "dpo")[0].startswith("dmdr: teacher tiny on cpu (float32),")
+    assert len(summary("cpu", "--teacher", "tiny")) == 1
+    assert summary("cpu")[1].startswith("warning: no GPU in use") and len(summary("cpu", "--teacher", "x/y")) == 2
+
+
 @pytest.mark.parametrize("args, message", [
     (["--teacher", "./no/such/folder"], "unknown teacher './no/such/folder'"),
     (["--teacher", "sd-turbo"], "unknown teacher 'sd-turbo'"),

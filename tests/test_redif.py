@@ -775,6 +775,19 @@ def test_sd15_alias_loads_the_hub_id_through_the_hub_cache(sd15_hub_cache, tmp_p
     assert message.startswith("error: could not load teacher 'nobody/not-in-the-cache'") and "\n" not in message
 
 
+def test_run_summary_names_device_and_precision_and_warns_of_a_cpu_run_at_sd_scale():
+    """The run's first line says where it runs and in what precision; --device auto without a GPU on a real
+    teacher warns (the run would take hours an iteration), the tiny teacher on the CPU does not."""
+    def summary(device, *args):
+        return redif.run_summary(redif.parse_args(list(args)), torch.device(device)).splitlines()
+
+    assert summary("cuda") == ["redif: teacher sd15 on cuda (bfloat16), lora student, 5 steps, 50 BC + 100 grpo "
+                               "iterations (G=4), out runs/redif"]
+    assert summary("cpu", "--teacher", "tiny")[0].startswith("redif: teacher tiny on cpu (float32),")
+    assert len(summary("cpu", "--teacher", "tiny")) == 1
+    assert summary("cpu")[1].startswith("warning: no GPU in use") and len(summary("cpu", "--teacher", "x/y")) == 2
+
+
 def test_frechet_distance_of_gaussians():
     g = torch.Generator().manual_seed(5)
     a = torch.randn(4000, 3, generator=g, dtype=torch.float64)
