@@ -222,12 +222,13 @@ def run_case(case, args, out, log, deadline):
     tiny, timeout = args.teacher == "tiny", lambda: max(1.0, deadline - time.perf_counter())
     if case == "unet":
         cmd = [sys.executable, "bench/unet_rate.py", "--teacher", args.teacher, "--json", str(out / "costs.json")]
-        cmd += (["--device", "cpu", "--batch", "2", "--reps", "2"] if tiny else [])
+        cmd += (["--device", "cpu", "--batch", "2", "--small-batches", "1", "--reps", "2"] if tiny else [])
         cmd += ["--compile"] if args.compile_unet else []
         code, seconds = run(cmd, log, timeout())
         result = dict(case=case, status="ok" if code == 0 else f"failed ({code})", seconds=seconds)
         if code == 0:
-            result["costs"] = json.loads((out / "costs.json").read_text())["eager"]
+            report = json.loads((out / "costs.json").read_text())
+            result.update(costs=report["eager"], by_batch=report["by_batch"])
         return result
     run_dir = out / case
     for name in ("metrics.jsonl", "checkpoint.pt"):  # a fresh run each time: the scripts never overwrite one
@@ -272,6 +273,11 @@ def write_summary(out, results, costs):
     if costs:
         summary += ("\n\nmeasured eager costs here, ms per image: " +
                     ", ".join(f"{k} {v * 1000:.2f}" for k, v in costs.items()))
+    for r in results:
+        if r.get("by_batch"):  # above the largest batch's figure at the scripts' call sizes: launch-bound there
+            summary += ("\n\neager ms per image by batch (images per call): " + "; ".join(
+                f"{case} " + ", ".join(f"{b}: {v * 1000:.2f}" for b, v in sizes.items())
+                for case, sizes in r["by_batch"].items()))
     (out / "summary.md").write_text(summary + "\n")
     (out / "summary.json").write_text(json.dumps(dict(costs=costs, results=results), indent=1))
     return summary

@@ -5,12 +5,14 @@ both scripts run on CUDA). For each variant (eager; channels_last; with --compil
     forward        no grad, bf16 weights (the teacher, the real score, rollouts)
     train full     forward + backward + AdamW step, fp32 weights under autocast (--finetune/--generator full)
     train lora     forward + backward + AdamW step of a rank-8 LoRA on bf16 weights (--finetune lora)
-and the VAE decode. Times are CUDA-event medians after warm-up; TFLOP/s counts 803 GFLOP per UNet forward image
+and the VAE decode; then eager forward and LoRA training again at --small-batches, the scripts' own call sizes
+(more per image there than at --batch: the GPU waits on the CPU's kernel launches). Times are CUDA-event medians
+after warm-up; TFLOP/s counts 803 GFLOP per UNet forward image
 and 3x that for a forward + backward (issue 5's figures).
 
     python bench/unet_rate.py                 # eager and channels_last, about a minute on an H100
     python bench/unet_rate.py --compile --json costs.json
-    python bench/unet_rate.py --teacher tiny --device cpu --batch 2 --reps 2   # the code path, on CPU
+    python bench/unet_rate.py --teacher tiny --device cpu --batch 2 --small-batches 1 --reps 2   # code path, CPU
 """
 import argparse
 import copy
@@ -97,12 +99,21 @@ def main(argv=None):
                         help="cuda: bf16 autocast over bf16 frozen weights, as the scripts; cpu: float32")
     parser.add_argument("--batch", type=int, default=16, help="UNet images per call (issue 5: 16)")
     parser.add_argument("--vae-batch", type=int, default=8, help="VAE decodes per call (issue 5: 8)")
+    parser.add_argument("--small-batches", default="4,8", help="also time eager forward and LoRA training at these "
+                        "batches, the scripts' own call sizes (dmdr's generator 4 images, CFG calls on 4 rollouts 8): "
+                        "a per-image cost above --batch's there means the GPU waits on kernel launches ('': none)")
     parser.add_argument("--reps", type=int, default=10, help="timed calls per case (median)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (inductor) of each forward")
-    parser.add_argument("--json", help="write {variant: {case: seconds per image}} here")
+    parser.add_argument("--json", help="write {variant: {case: seconds per image}, "
+                        "by_batch: {case: {batch: seconds per image}}} here")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available (fix: --device cpu)")
+    try:
+        small_batches = [int(b) for b in args.small_batches.split(",") if b.strip()]
+        assert all(b > 0 for b in small_batches)
+    except (ValueError, AssertionError):
+        raise SystemExit(f"error: --small-batches '{args.small_batches}' is not a list of integers (fix: e.g. 4,8)")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -110,28 +121,35 @@ def main(argv=None):
     latent = pipe.unet.config.sample_size
     pipe.vae.to(device, dtype).requires_grad_(False)
     variants = ["eager", "channels_last"] + (["compile"] if args.compile else [])
-    results, rows = {}, []
-    for variant in variants:
-        results[variant] = {}
-        for name in ("forward", "train full", "train lora"):
-            fn, module = unet_case(name, pipe.unet, args.batch, latent, device, dtype)
-            if variant != "eager":
-                module.to(memory_format=torch.channels_last)
-            if variant == "compile":
-                module.forward = torch.compile(type(module).forward.__get__(module))
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            clock = time.perf_counter()
-            sec = timed(fn, args.reps, device)
-            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-            flops = GFLOP_FORWARD * (3 if name.startswith("train") else 1) if args.teacher == "sd15-random" \
-                else float("nan")  # the FLOP count is SD1.5's at 512 px
-            results[variant][name] = sec / args.batch
-            rows.append((variant, name, args.batch, sec * 1000, sec / args.batch * 1000,
-                         flops * args.batch / sec / 1000, peak, time.perf_counter() - clock))
-            del fn, module  # each case's copy (and optimiser) is freed before the next is built
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    rows = []
+
+    def measure(name, batch, variant):
+        """Seconds per image of one case; appends its table row."""
+        fn, module = unet_case(name, pipe.unet, batch, latent, device, dtype)
+        if variant != "eager":
+            module.to(memory_format=torch.channels_last)
+        if variant == "compile":
+            module.forward = torch.compile(type(module).forward.__get__(module))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        clock = time.perf_counter()
+        sec = timed(fn, args.reps, device)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        flops = GFLOP_FORWARD * (3 if name.startswith("train") else 1) if args.teacher == "sd15-random" \
+            else float("nan")  # the FLOP count is SD1.5's at 512 px
+        rows.append((variant, name, batch, sec * 1000, sec / batch * 1000, flops * batch / sec / 1000, peak,
+                     time.perf_counter() - clock))
+        del fn, module  # each case's copy (and optimiser) is freed before the next is built
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return sec / batch
+
+    results = {variant: {name: measure(name, args.batch, variant) for name in ("forward", "train full", "train lora")}
+               for variant in variants}
+    # the scripts' own call sizes: where a small batch costs more per image than --batch, the GPU waits on the
+    # CPU launching kernels one by one (eager), and no script reaches a floor priced at --batch there
+    by_batch = {name: {**{b: measure(name, b, "eager") for b in small_batches}, args.batch: results["eager"][name]}
+                for name in ("forward", "train lora") if small_batches}
 
     @torch.no_grad()
     def vae_decode():
@@ -152,10 +170,11 @@ def main(argv=None):
           "\n|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} | {r[4]:.2f} | {r[5]:.0f} | {r[6]:.1f} | {r[7]:.0f} |")
+    report = dict(device=name, batch=args.batch, **results, by_batch=by_batch)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(dict(device=name, batch=args.batch, **results), fh, indent=1)
-    return results
+            json.dump(report, fh, indent=1)
+    return report
 
 
 if __name__ == "__main__":

@@ -78,3 +78,26 @@ def test_without_a_gpu_the_sd15_cases_are_refused_in_one_line(tmp_path, monkeypa
     with pytest.raises(SystemExit, match="no CUDA GPU here.*--teacher tiny"):
         sd_profile.main(["--out", str(tmp_path / "bench")])
     assert not (tmp_path / "bench").exists()
+
+
+def test_unet_rate_times_the_scripts_call_sizes_and_the_summary_shows_them(tmp_path, monkeypatch):
+    """bench/unet_rate.py also times eager forward and LoRA training at --small-batches (the scripts' call sizes,
+    where eager kernels launched one by one may leave the GPU waiting), and sd_profile's summary prints them beside
+    the --batch figure that prices the floor."""
+    import unet_rate
+    timed = []
+    monkeypatch.setattr(unet_rate, "timed", lambda fn, reps, device: timed.append(fn) or 0.012)
+    report = unet_rate.main(["--teacher", "tiny", "--device", "cpu", "--batch", "4", "--small-batches", "1,2",
+                             "--reps", "1", "--json", str(tmp_path / "costs.json")])
+    assert len(timed) == 2 * 3 + 2 * 2 + 1  # 2 variants x 3 cases, 2 cases x 2 small batches, the VAE
+    assert report["by_batch"] == {"forward": {1: 0.012, 2: 0.006, 4: 0.003}, "train lora": {1: 0.012, 2: 0.006,
+                                                                                             4: 0.003}}
+    assert report["eager"]["forward"] == report["by_batch"]["forward"][4]
+    saved = json.loads((tmp_path / "costs.json").read_text())
+    assert saved["by_batch"]["train lora"] == {"1": 0.012, "2": 0.006, "4": 0.003}
+    result = dict(case="unet", status="ok", seconds=1.0, by_batch=saved["by_batch"])
+    summary = sd_profile.write_summary(tmp_path, [result], saved["eager"])
+    assert "eager ms per image by batch (images per call): forward 1: 12.00, 2: 6.00, 4: 3.00; train lora 1: 12.00" \
+        in summary
+    with pytest.raises(SystemExit, match="--small-batches '4,x' is not a list"):
+        unet_rate.main(["--teacher", "tiny", "--device", "cpu", "--small-batches", "4,x"])
