@@ -366,8 +366,8 @@ def frozen_dtype(cfg, device):
 
 
 def run_summary(cfg, device):
-    """The line a run starts with, and a warning when --device auto found no GPU for a Stable Diffusion-sized
-    teacher (it would run, hours an iteration, rather than stop)."""
+    """The line a run starts with, and a warning when a Stable Diffusion-sized teacher runs on the CPU (with
+    --device auto and no GPU it would run, hours an iteration, rather than stop)."""
     dtype = str(frozen_dtype(cfg, device)).removeprefix("torch.")
     line = (f"dmdr: teacher {cfg.teacher} on {device.type} ({dtype}), {cfg.generator} generator, {cfg.steps} steps, "
             f"rl {cfg.rl}, {cfg.iters} iterations, out {cfg.out}")

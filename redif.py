@@ -1099,8 +1099,8 @@ def pick_device(cfg):
 
 
 def run_summary(cfg, device):
-    """The line a run starts with, and a warning when --device auto found no GPU for a Stable Diffusion-sized
-    teacher (it would run, hours an iteration, rather than stop)."""
+    """The line a run starts with, and a warning when a Stable Diffusion-sized teacher runs on the CPU (with
+    --device auto and no GPU it would run, hours an iteration, rather than stop)."""
     dtype = str(frozen_dtype(cfg, device)).removeprefix("torch.")
     line = (f"redif: teacher {cfg.teacher} on {device.type} ({dtype}), {cfg.finetune} student, {cfg.steps} steps, "
             f"{cfg.bc_iters} BC + {cfg.iters} {cfg.algo} iterations (G={cfg.group}), out {cfg.out}")

@@ -109,11 +109,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available (fix: --device cpu)")
-    try:
-        small_batches = [int(b) for b in args.small_batches.split(",") if b.strip()]
-        assert all(b > 0 for b in small_batches)
-    except (ValueError, AssertionError):
-        raise SystemExit(f"error: --small-batches '{args.small_batches}' is not a list of integers (fix: e.g. 4,8)")
+    parts = [b.strip() for b in args.small_batches.split(",") if b.strip()]
+    if not all(b.isdigit() and int(b) > 0 for b in parts):
+        raise SystemExit(f"error: --small-batches '{args.small_batches}' is not a list of positive integers "
+                         "(fix: e.g. 4,8)")
+    small_batches = [int(b) for b in parts]
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -99,5 +99,5 @@ def test_unet_rate_times_the_scripts_call_sizes_and_the_summary_shows_them(tmp_p
     summary = sd_profile.write_summary(tmp_path, [result], saved["eager"])
     assert "eager ms per image by batch (images per call): forward 1: 12.00, 2: 6.00, 4: 3.00; train lora 1: 12.00" \
         in summary
-    with pytest.raises(SystemExit, match="--small-batches '4,x' is not a list"):
+    with pytest.raises(SystemExit, match="--small-batches '4,x' is not a list of positive integers"):
         unet_rate.main(["--teacher", "tiny", "--device", "cpu", "--small-batches", "4,x"])
