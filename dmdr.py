@@ -17,8 +17,8 @@ The generator is saved as a complete diffusers pipeline (LCMScheduler set to the
     image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale=0).images[0]  # t = 999,749,499,249
 
 Outputs in --out: config.json, metrics.jsonl (per iteration: dmd_loss, grad_norm = RMS of the DMD gradient g,
-fake_loss, rl_loss, reward, dynadg_scale, dynars_mean, sec_generator/sec_fake/sec_rl, and eval_* every
---eval-every), samples_NNNNNN.png (held-out prompts: generator row above teacher row), checkpoint.pt (atomic;
+fake_loss, rl_loss (GRPO's is 0 on-policy, its gradient is not), reward, dynadg_scale, dynars_mean,
+sec_generator/sec_fake/sec_rl, and eval_* every --eval-every), samples_NNNNNN.png (held-out prompts: generator row above teacher row), checkpoint.pt (atomic;
 --resume continues exactly; Ctrl-C finishes the iteration and checkpoints), generator/ (diffusers pipeline).
 
 Precision (--precision, default bf16 on CUDA): the frozen parts are bf16 under a bf16 autocast, the trainable
@@ -28,7 +28,7 @@ the VAE; --compile (torch.compile, channels_last).
 
 Memory layout: ONE UNet holds the teacher's weights (frozen). The fake score is a peft LoRA adapter "fake" on
 it and a LoRA generator is a second adapter "generator" on it; the real score is the same UNet with adapters
-off (or, under DynaDG, with "fake" at a reduced scale). A full generator (`--generator full`, DMD2's
+off (or, under DynaDG, with "fake" at a smaller scale on both CFG branches). A full generator (`--generator full`, DMD2's
 choice) is necessarily a second, trainable copy.
 """
 import argparse
@@ -108,7 +108,8 @@ class Config:
     fake_lora_scale: float = flag(2.0, "fake-score LoRA scale alpha/rank (DMDR: 2.0)")
     real_guidance: float = flag(1.75, "CFG of the real score (DMD2 on SD1.5: 1.75; higher for aesthetics)")
     dynadg: bool = flag(True, "turn off DynaDG (E10: the fake LoRA inside the real score at a decaying scale)")
-    dynadg_lambda0: float = flag(0.75, "DynaDG start scale lambda_0, times the fake LoRA's alpha/rank (E10)")
+    dynadg_lambda0: float = flag(0.75, "DynaDG start scale lambda_0 of the fake LoRA inside the real score, in "
+                                 "--fake-lora-scale's units (E10; official demo: 0.75 against the fake's 2.0)")
     dynadg_steps: int = flag(10000, "DynaDG horizon S in generator steps (E10)")
     dynars: bool = flag(True, "turn off DynaRS (E11: Beta-scheduled renoise times); then uniform in [20, 980]")
     dynars_a0: float = flag(4.0, "DynaRS Beta a at step 0 (E11)")
@@ -156,10 +157,11 @@ class Config:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in fields(Config):
         name, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.default is not None and f.type not in (bool, "bool"):  # a None default's help says what None means
+            help += " (default: %(default)s)"
         if f.type in (bool, "bool"):  # True by default -> a --no-... switch (absent: the dataclass default)
             parser.add_argument(name.replace("--", "--no-") if f.default else name, dest=f.name, help=help,
                                 action="store_false" if f.default else "store_true", default=argparse.SUPPRESS)
@@ -446,9 +448,11 @@ def generator_params(m):
 
 
 def snapshot_generator(m):
-    """A frozen copy of the generator's weights, in the frozen parts' dtype (it only runs under autocast)."""
+    """A frozen copy of the generator's weights: matrices and kernels in the frozen parts' dtype (autocast casts
+    them to it anyway, bit for bit), vectors (norms, biases: KBs) as they are, since CUDA's autocast runs the
+    norms in float32, where a bf16 copy would move DPO's reference off the policy it was taken from."""
     dtype = next(m.vae.parameters()).dtype  # frozen_dtype
-    return {n: p.detach().to(dtype, copy=True) for n, p in generator_params(m).items()}
+    return {n: p.detach().to(dtype if p.dim() > 1 else p.dtype, copy=True) for n, p in generator_params(m).items()}
 
 
 @contextlib.contextmanager
@@ -520,7 +524,8 @@ def dmd_loss(x, x0_real, x0_fake):
     d loss / d x = g / numel: descending moves x toward x0_real and away from x0_fake."""
     p_real = x - x0_real
     p_fake = x - x0_fake
-    g = (p_real - p_fake) / p_real.abs().mean(dim=tuple(range(1, x.dim())), keepdim=True)  # per-sample normaliser
+    # per-sample normaliser; + 1e-8 as the official code, so x == x0_real gives a finite g, not +-inf
+    g = (p_real - p_fake) / (p_real.abs().mean(dim=tuple(range(1, x.dim())), keepdim=True) + 1e-8)
     g = torch.nan_to_num(g.detach())
     return 0.5 * F.mse_loss(x, (x - g).detach())
 
@@ -584,8 +589,11 @@ def unet_eps(m, unet, x, t, emb):
 
 
 def real_x0(m, x_t, t, emb, uncond, guidance, dynadg=0.0):
-    """Real score: the teacher with CFG; under DynaDG (E10) the fake LoRA is switched in at scale `dynadg`."""
-    use_adapter(m.unet, "fake", dynadg)
+    """Real score: the teacher with CFG. Under DynaDG (E10) the fake LoRA is switched into both CFG branches at
+    LoRA scale `dynadg`, in the units of the fake's own scale (alpha/r, 2.0), as the official code's lora_scale:
+    its demo starts the real score at 0.75 against the fake's 2.0, so with 37.5% of the fake's LoRA update."""
+    fake = m.unet.peft_config["fake"]
+    use_adapter(m.unet, "fake", dynadg * fake.r / fake.lora_alpha)  # peft multiplies the weight by alpha/r
     eps_u, eps_c = unet_eps(m, m.unet, torch.cat([x_t, x_t]), torch.cat([t, t]),
                             torch.cat([uncond.expand_as(emb), emb])).chunk(2)
     return x0_from_eps(x_t, eps_u + guidance * (eps_c - eps_u), m.alphas_cumprod[t])
@@ -863,6 +871,8 @@ def generator_update(m, cfg, opt_g, step, prompts):
         x_t = add_noise(x0.detach(), torch.randn_like(x0), m.alphas_cumprod[t])
         x0_real = real_x0(m, x_t, t, emb, uncond, cfg.real_guidance, lam)
         x0_fake = fake_x0(m, x_t, t, emb)
+    for name, x0_score in (("real score", x0_real), ("fake score", x0_fake)):  # nan_to_num in E8 would hide a NaN
+        check_finite(name, x0_score, step + 1)
     loss_dmd = dmd_loss(x0, x0_real, x0_fake)  # E8
     check_finite("DMD loss", loss_dmd, step + 1)
     opt_g.zero_grad(set_to_none=True)
@@ -1018,6 +1028,8 @@ def profile(m, cfg, opt_g, opt_f, step, train_prompts, metrics_path):
 def frechet_distance(f1, f2):
     """||mu1 - mu2||^2 + tr(C1 + C2 - 2 (C1^1/2 C2 C1^1/2)^1/2) for features (N, E), float64."""
     f1, f2 = f1.double(), f2.double()
+    if not (torch.isfinite(f1).all() and torch.isfinite(f2).all()):
+        return float("nan")  # logged as null (eigh would raise)
     mu1, mu2 = f1.mean(0), f2.mean(0)
     c1, c2 = torch.cov(f1.T).reshape(f1.shape[1], -1), torch.cov(f2.T).reshape(f2.shape[1], -1)
 

@@ -122,9 +122,11 @@ class Config:
     ppo_buffer: int = flag(16, "--algo ppo: rewards kept per prompt (DDPO)")
     ppo_min_count: int = flag(16, "--algo ppo: with fewer, normalise with the batch's statistics (DDPO)")
     eval_every: int = flag(25, "evaluate every this many iterations, and at start and end (0: start and end only)")
-    eval_pairs: int = flag(16, "held-out (prompt, seed) pairs for evaluation (>= 2)")
+    eval_pairs: int = flag(16, "held-out (prompt, seed) pairs for evaluation (>= 2): the prompts in turn, each with "
+                           "a seed that training never draws")
     ckpt_every: int = flag(25, "checkpoint every this many iterations, at the end and on Ctrl-C")
-    max_nan_skips: int = flag(3, "stop after this many iterations in a row with non-finite rewards")
+    max_nan_skips: int = flag(3, "stop after this many iterations in a row with non-finite rewards or gradients "
+                                "(their updates are skipped)")
     resolution: int = flag(None, "image size in pixels (default: the teacher's own, 512 for SD1.5)")
     teacher_batch: int = flag(8, "(prompt, x_T) pairs per teacher batch when filling the cache")
     teacher_cache: str = flag(None, "folder of cached teacher outputs (default <out>/teacher_cache; shareable)")
@@ -144,10 +146,10 @@ class Config:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(Config):
-        name, kw = "--" + f.name.replace("_", "-"), dict(help=f.metadata["help"])
+        shown = f.default is not None and f.type is not bool  # a None default's help says what None means
+        name, kw = "--" + f.name.replace("_", "-"), dict(help=f.metadata["help"] + " (default: %(default)s)" * shown)
         if f.type is bool:
             parser.add_argument(name, action="store_true", **kw)
         else:
@@ -488,7 +490,8 @@ class TeacherCache:
     def sample(self, prompts, seeds):
         """The frozen teacher: teacher_steps-step DDIM (eta 0, CFG) from the same x_T as the student (E3). A
         student level between two teacher timesteps is reached by the teacher's own eta-0 DDIM jump from the
-        timestep above it (no extra UNet call; the states coincide when K divides teacher_steps)."""
+        timestep above it (no extra UNet call; the states coincide when K divides teacher_steps and both divide
+        1000, e.g. K = 5 of 50)."""
         m, cfg, recorded = self.models, self.models.cfg, []
         cond, uncond = encode_prompts(m, prompts), encode_prompts(m, [""])
         x = initial_noise(seeds, m.latent_size, m.device)
@@ -751,9 +754,10 @@ def draw_pairs(cfg, prompts, generator):
 
 
 def iteration_generators(cfg, step, device):
-    """All randomness of iteration `step` comes from (seed, step), so resuming at any step is exact."""
-    seed = int(np.random.SeedSequence([cfg.seed, step]).generate_state(1, np.uint64)[0] >> 1)
-    return torch.Generator().manual_seed(seed), torch.Generator(device).manual_seed(seed)
+    """All randomness of iteration `step` comes from (seed, step), so resuming at any step is exact. Two seeds:
+    on CPU one seed would give the eta-noise the very stream the (prompt, seed) draws came from."""
+    seeds = np.random.SeedSequence([cfg.seed, step]).generate_state(2, np.uint64) >> 1
+    return torch.Generator().manual_seed(int(seeds[0])), torch.Generator(device).manual_seed(int(seeds[1]))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -786,19 +790,24 @@ def build_optimizer(models):
 
 
 def optimiser_step(models, optimizer):
-    torch.nn.utils.clip_grad_norm_(trainable_params(models), models.cfg.max_grad_norm)
-    optimizer.step()
+    """-> False, and no step, when the gradient is NaN/inf (AdamW would write it into every weight, and every
+    later checkpoint would hold it); the caller counts the iteration as a skip."""
+    norm = torch.nn.utils.clip_grad_norm_(trainable_params(models), models.cfg.max_grad_norm)
+    finite = bool(torch.isfinite(norm))
+    if finite:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return finite
 
 
 def rl_update(models, optimizer, rollout, advantages, generator):
     """PPO-style passes over the iteration's rollouts; gradients accumulate over the K steps of a minibatch.
     *_first: the first minibatch, before any optimiser step, where the ratio differs from 1 by numerics alone
-    (0 on CPU at the tests' batch sizes, ~1e-5 at others; on CUDA bf16 the rollouts ran at batch P*G, the
-    recomputation runs at --train-batch, so kernels differ, and a |ratio - 1| near --clip-range would clip the
-    update away)."""
+    (0 on CPU at the tests' batch sizes, ~1e-5 at others; under bf16 the kernels, hence the last bits, depend on
+    the batch shape, so rollouts are sampled at --sample-batch = --train-batch, and a |ratio - 1| near
+    --clip-range would clip the update away)."""
     latents, old_log_probs, cond = rollout  # (B, K+1, 4, h, w), (B, K), (B, 77, D)
-    cfg, logs, first = models.cfg, [], None
+    cfg, logs, first, skipped = models.cfg, [], None, 0
     models.student.train()  # SD's UNet has no dropout; train() switches gradient checkpointing on
     for _ in range(cfg.inner_epochs):
         for minibatch in torch.randperm(len(latents), generator=generator).to(latents.device).chunk(cfg.minibatches):
@@ -810,10 +819,10 @@ def rl_update(models, optimizer, rollout, advantages, generator):
                     logs.append(dict(stats, loss=loss.item(), rows=len(mb)))
             if first is None:
                 first = list(logs)
-            optimiser_step(models, optimizer)
+            skipped += not optimiser_step(models, optimizer)
     models.student.eval()
     record = {key: float(np.mean([log[key] for log in logs])) for key in ("loss", "kl", "approx_kl", "clipfrac")}
-    return dict(record, ratio_err_first=max(log["ratio_err"] for log in first),
+    return dict(record, nonfinite_steps=skipped, ratio_err_first=max(log["ratio_err"] for log in first),
                 clipfrac_first=float(np.average([log["clipfrac"] for log in first],
                                                 weights=[log["rows"] for log in first])))
 
@@ -828,9 +837,9 @@ def bc_update(models, optimizer, teacher_states, cond):
             loss = bc_loss(mean, teacher_states[mb, k + 1])
             (loss * len(mb) / len(teacher_states) / steps).backward()
             losses.append(loss.item() * len(mb) / len(teacher_states))
-    optimiser_step(models, optimizer)
+    skipped = not optimiser_step(models, optimizer)
     models.student.eval()
-    return dict(bc_loss=sum(losses) / steps)
+    return dict(bc_loss=sum(losses) / steps, nonfinite_steps=int(skipped))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -839,6 +848,8 @@ def bc_update(models, optimizer, teacher_states, cond):
 def frechet_distance(feats_a, feats_b):
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of Gaussians fitted to features (N, D)."""
     a, b = feats_a.double(), feats_b.double()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return float("nan")  # logged as null (eigh would raise): NaN features come from a NaN reward model
     cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
     vals, vecs = torch.linalg.eigh(cov_a)
     sqrt_a = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
@@ -1029,7 +1040,7 @@ def save_student(models, folder):
     if lora is not None:  # the LoRA alone too (MBs), for load_lora_weights on the teacher (alpha = r: scale 1)
         StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora)
     (tmp / "redif.json").write_text(json.dumps(dict(num_inference_steps=cfg.steps, guidance_scale=cfg.student_guidance,
-                                                    eta=0.0)))
+                                                    eta=0.0, height=cfg.resolution, width=cfg.resolution)))
     replace_folder(tmp, folder)
 
 
@@ -1068,8 +1079,8 @@ def validate(cfg):
         check_grid(name, k)
     if cfg.algo == "grpo" and cfg.group < 2:
         fail(f"--group {cfg.group}: GRPO normalises within a group and needs at least 2", "use --group 4 or --algo ppo")
-    positive = ("group", "prompts_per_iter", "seed_pool", "minibatches", "train_batch", "sample_batch", "ckpt_every",
-                "teacher_batch", "max_nan_skips")
+    positive = ("group", "prompts_per_iter", "seed_pool", "minibatches", "train_batch", "sample_batch", "inner_epochs",
+                "ckpt_every", "teacher_batch", "max_nan_skips")
     for name in positive:
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             fail(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be positive", "pass a positive integer")
@@ -1107,7 +1118,18 @@ def run_summary(cfg, device):
     if device.type == "cpu" and cfg.teacher != "tiny":
         line += (f"\nwarning: no GPU in use; a teacher of Stable Diffusion's size ({cfg.teacher}) takes hours per "
                  "iteration on a CPU (--device cuda stops with an error when CUDA is missing)")
+    if dtype == "bfloat16" and cfg.iters > 0 and len(shapes := unet_batch_shapes(cfg)) > 1:
+        line += (f"\nwarning: the UNet runs rollouts at batch sizes {shapes} between sampling and training; under "
+                 "bf16 its last bits depend on the batch shape, so PPO's ratio may start off 1 by more than "
+                 "--clip-range (make --prompts-per-iter x --group / --minibatches a multiple of --train-batch)")
     return line
+
+
+def unet_batch_shapes(cfg):
+    """The rollout batch sizes of sampling (--sample-batch) and of the recomputation (rl_update's chunks)."""
+    rows = torch.arange(cfg.prompts_per_iter * cfg.group)
+    train = {len(c) for mb in rows.chunk(cfg.minibatches) for c in mb.split(cfg.train_batch)}
+    return sorted(train | {len(c) for c in rows.split(cfg.sample_batch or cfg.train_batch)})
 
 
 def check_out_dir(cfg, out):
@@ -1193,16 +1215,20 @@ def train_iteration(models, rm, weights, cache, optimizer, tracker, prompts, ste
         record.update(reward_mean=rewards.mean().item(), reward_std=rewards.std(unbiased=False).item(),
                       **{f"reward_{k}": v.mean().item() for k, v in terms.items()})
         if torch.isfinite(rewards).all():
-            nan_state["streak"] = 0
             if cfg.algo == "grpo":
                 advantages = grpo_advantages(rewards.view(-1, cfg.group).cpu()).view(-1)  # E4
             else:
                 advantages = tracker.update(rollout_prompts, rewards.cpu())
             advantages = advantages.clamp(-cfg.adv_clip_max, cfg.adv_clip_max).to(models.device)
             record.update(rl_update(models, optimizer, (latents, log_probs, cond), advantages, cpu_gen))
-        else:  # skip the update; main() stops after --max-nan-skips in a row
-            nan_state["skips"], nan_state["streak"] = nan_state["skips"] + 1, nan_state["streak"] + 1
-            tqdm.write(f"warning: non-finite rewards at iteration {step}, update skipped")
+        else:
+            record["nonfinite_rewards"] = True
+    if record.get("nonfinite_rewards") or record.get("nonfinite_steps"):  # main() stops after --max-nan-skips in a row
+        nan_state["skips"], nan_state["streak"] = nan_state["skips"] + 1, nan_state["streak"] + 1
+        what = "rewards, update" if record.get("nonfinite_rewards") else "gradients in some minibatches, their steps"
+        tqdm.write(f"warning: non-finite {what} skipped at iteration {step}")
+    else:
+        nan_state["streak"] = 0
     sec["update"] = time.perf_counter() - clock
     record.update(nan_skips=nan_state["skips"], teacher_cache_hits=cache.hits - hits,
                   teacher_cache_misses=cache.misses - misses, **{f"sec_{k}": v for k, v in sec.items()})
@@ -1272,8 +1298,8 @@ def main(argv=None):
             if stop or count % cfg.ckpt_every == 0 or count == total or nan_state["streak"] >= cfg.max_nan_skips:
                 save_checkpoint(out / "checkpoint.pt", count, models, optimizer, tracker, nan_state)
             if nan_state["streak"] >= cfg.max_nan_skips:
-                fail(f"rewards were NaN/inf in {nan_state['streak']} iterations in a row (updates skipped, "
-                     "checkpoint saved)", "check the reward models and --reward weights, lower --lr, then --resume")
+                fail(f"rewards or gradients were NaN/inf in {nan_state['streak']} iterations in a row (updates "
+                     "skipped, checkpoint saved)", "check the reward models and --reward weights, lower --lr, then --resume")
             if stop:
                 print(f"saved {out / 'checkpoint.pt'} at iteration {count}; continue with --resume", file=sys.stderr)
                 return None

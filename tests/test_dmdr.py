@@ -163,6 +163,15 @@ def test_ctrl_c_checkpoints_and_resume_is_exact(runs, prompt_file, tmp_path, mon
         assert a.keys() == b.keys() and all(torch.equal(a[i][n], b[i][n]) for i in a for n in a[i]), key
 
 
+def test_a_nan_score_stops_the_run_rather_than_vanishing_in_nan_to_num(prompt_file, tmp_path, monkeypatch):
+    """E8's nan_to_num would turn a NaN teacher output (a bf16 overflow, say) into a silent zero gradient."""
+    real = dmdr.real_x0
+    monkeypatch.setattr(dmdr, "real_x0", lambda *args: real(*args) * float("nan"))
+    with pytest.raises(SystemExit) as e:
+        dmdr.main(tiny_args(prompt_file, tmp_path, "none", 2))
+    assert str(e.value).startswith("error: non-finite real score at iteration 1") and "\n" not in str(e.value)
+
+
 def test_nan_loss_is_one_line_error_keeps_the_last_checkpoint_and_resumes_with_a_lower_lr(prompt_file, tmp_path,
                                                                                          monkeypatch, capsys):
     """A non-finite loss mid-iteration (after that iteration's generator step) ends in one line and leaves the
@@ -259,6 +268,17 @@ def test_existing_run_is_never_overwritten(runs, prompt_file):
     assert (runs["dpo"] / "metrics.jsonl").read_text() == before
 
 
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as info:
+        dmdr.main(["--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for f in dataclasses.fields(dmdr.Config):
+        flag = "--" + ("no-" if f.default is True else "") + f.name.replace("_", "-")
+        assert flag in text and " ".join(f.metadata["help"].split()[:3]) in text
+    assert "(default: None)" not in text and "(default: 0.75)" in text  # None's meaning is in its flag's help
+
+
 # ---------------------------------------------------------------------------------------------------
 # Pure functions: the same numbers as toy/ on the same inputs
 # ---------------------------------------------------------------------------------------------------
@@ -273,11 +293,12 @@ def test_dmd_loss_matches_toy_and_its_gradient_is_the_normalised_x0_difference()
     assert ours.item() == pytest.approx(toys.item(), rel=1e-12)
     assert torch.allclose(xs[0].grad, xs[1].grad, rtol=1e-12, atol=0)
     # E8: -dL/dx * numel = (x0_real - x0_fake) / mean|x - x0_real| (per sample)
-    expected = (x0_real - x0_fake) / (x - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    expected = (x0_real - x0_fake) / ((x - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True) + 1e-8)
     assert torch.allclose(-xs[0].grad * x.numel(), expected, rtol=1e-10, atol=1e-12)
     assert ours.item() == pytest.approx(0.5 * expected.pow(2).mean().item(), rel=1e-10)
-    z = torch.zeros(2, 3, requires_grad=True)  # x == x0_real == x0_fake: 0/0 -> nan_to_num -> 0
+    z = torch.zeros(2, 3, requires_grad=True)  # x == x0_real == x0_fake: 0 / (0 + 1e-8) = 0
     assert dmdr.dmd_loss(z, torch.zeros(2, 3), torch.zeros(2, 3)).item() == 0
+    assert math.isfinite(dmdr.dmd_loss(z, torch.zeros(2, 3), torch.ones(2, 3)).item())  # x == x0_real: no inf
 
 
 def test_schedules_match_toy():
@@ -361,7 +382,8 @@ def test_real_and_fake_share_base_weights(lora_models, prompt_file, tmp_path):
     dmdr.use_adapter(m.unet, "fake", 0.3)
     assert q.scaling["fake"] == pytest.approx(0.6) and q.active_adapters == ["fake"]  # DynaDG: lambda x alpha / r
     # Functional: give the fake LoRA weights; the real score (adapters off) is still exactly the plain teacher,
-    # the fake score differs, and DynaDG at scale 1 with guidance 1 is exactly the fake score (E10).
+    # the fake score differs, and DynaDG at the fake's own LoRA scale (2.0) with guidance 1 is exactly the fake
+    # score; with guidance 1.75, CFG over the fake LoRA's two branches (E10, as the official code's lora_scale).
     with torch.no_grad():
         for n, p in m.unet.named_parameters():
             if ".fake." in n and "lora_B" in n:
@@ -374,8 +396,13 @@ def test_real_and_fake_share_base_weights(lora_models, prompt_file, tmp_path):
         eps_u, eps_c = plain(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=both).sample.chunk(2)
         teacher = dmdr.x0_from_eps(x, eps_u + 1.75 * (eps_c - eps_u), m.alphas_cumprod[t])
         fake = dmdr.fake_x0(m, x, t, emb)
-        mixed = dmdr.real_x0(m, x, t, emb, m.uncond, 1.0, 1.0)
-        half = dmdr.real_x0(m, x, t, emb, m.uncond, 1.0, 0.5)
+        mixed = dmdr.real_x0(m, x, t, emb, m.uncond, 1.0, 2.0)
+        half = dmdr.real_x0(m, x, t, emb, m.uncond, 1.0, 1.0)
+        guided = dmdr.real_x0(m, x, t, emb, m.uncond, 1.75, 2.0)
+        fake_u, fake_c = dmdr.fake_x0(m, x, t, m.uncond.expand_as(emb)), fake
+        dmdr.real_x0(m, x, t, emb, m.uncond, 1.75, 0.75)
+    assert q.scaling["fake"] == pytest.approx(0.75)  # the official demo's lambda_0, applied as the LoRA's scale
+    assert torch.allclose(guided, fake_u + 1.75 * (fake_c - fake_u), rtol=1e-4, atol=1e-4)
     assert torch.allclose(real, teacher, atol=1e-5)
     assert (fake - dmdr.real_x0(m, x, t, emb, m.uncond, 1.0, 0.0)).abs().max() > 1e-3
     # equal up to float32 rounding: the CFG call runs at batch 2B, not B, eps_u + 1 (eps_c - eps_u) is not eps_c
@@ -787,6 +814,17 @@ def test_bf16_precision_keeps_trainables_fp32_tracks_fp32_and_saves_fp32_weights
     assert all(not torch.equal(a[k], b[k]) for k in lora_targets if k.endswith("weight"))  # the merged LoRA
 
 
+def test_dpo_reference_of_a_full_generator_keeps_its_norms_in_fp32(prompt_file, tmp_path):
+    """Under bf16, matrices and kernels are cast to bf16 by autocast anyway, so a bf16 copy is exact there; CUDA's
+    autocast runs the norms in float32, so their weights (and the biases, KBs) keep the generator's dtype."""
+    cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "dpo", 1, "--generator", "full", "--precision", "bf16"))
+    m = dmdr.build_models(cfg, torch.device("cpu"))
+    ref, params = dmdr.snapshot_generator(m), dmdr.generator_params(m)
+    assert ref.keys() == params.keys()
+    assert {(v.dim() > 1, v.dtype) for v in ref.values()} == {(True, torch.bfloat16), (False, torch.float32)}
+    assert all(torch.equal(v, params[n].to(v.dtype)) for n, v in ref.items())
+
+
 @pytest.mark.parametrize("rl", ["dpo", "grpo"])
 def test_bf16_end_to_end_keeps_fp32_state(rl, prompt_file, tmp_path):
     """The other RL branches under --precision bf16 (log-probs of a bf16-autocast step, DPO's reference errors):
@@ -800,6 +838,8 @@ def test_bf16_end_to_end_keeps_fp32_state(rl, prompt_file, tmp_path):
     tensors += [v for opt in ("opt_g", "opt_f") for s in ckpt[opt]["state"].values() for v in s.values()
                 if v.dim() > 0]
     assert tensors and {v.dtype for v in tensors} == {torch.float32}
+    if rl == "dpo":  # DPO's reference (of the LoRA generator here): bf16 matrices, as autocast casts them
+        assert {v.dtype for v in ckpt["dpo_ref"].values()} == {torch.bfloat16}
 
 
 def test_compile_gives_the_same_run_and_stops_recompiling(prompt_file, tmp_path, dynamo_graphs):

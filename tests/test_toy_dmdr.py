@@ -30,7 +30,7 @@ def test_dmd_gradient_is_g_over_numel(shape, seed, scale):
     x0_real = scale * torch.randn(shape, generator=g, dtype=DTYPE)
     x0_fake = scale * torch.randn(shape, generator=g, dtype=DTYPE)
     dmd_loss(x, x0_real, x0_fake).backward()
-    norm = (x - x0_real).abs().flatten(1).mean(1).reshape((-1,) + (1,) * (len(shape) - 1))
+    norm = (x - x0_real).abs().flatten(1).mean(1).reshape((-1,) + (1,) * (len(shape) - 1)) + 1e-8
     expected = (x0_fake - x0_real) / (norm * x.numel())  # g / N: descent moves x toward x0_real
     # the loss's target is x - g, so autograd's x - (x - g) recovers g to a few ulps of x (and of the x0s): float64
     # rounding at the operands' scale, not a wrong gradient (which is off by O(|g| / N))
@@ -49,12 +49,12 @@ def test_dmd_gradient_is_zero_when_fake_equals_real(shape, seed):
     assert loss.item() == 0.0 and torch.all(x.grad == 0)
 
 
-def test_dmd_loss_nan_to_num_where_both_estimates_equal_x():
+def test_dmd_loss_is_finite_where_the_estimates_equal_x():
     x = torch.tensor([[1.0, 2.0], [0.5, -1.0]], dtype=DTYPE, requires_grad=True)
-    x0_real = torch.stack([x[0].detach(), torch.tensor([0.0, 0.0], dtype=DTYPE)])  # sample 0: g = 0 / 0
+    x0_real = torch.stack([x[0].detach(), torch.tensor([0.0, 0.0], dtype=DTYPE)])  # sample 0: g = 0 / (0 + 1e-8)
     x0_fake = torch.stack([x[0].detach(), torch.tensor([1.0, 1.0], dtype=DTYPE)])
     dmd_loss(x, x0_real, x0_fake).backward()
-    assert torch.all(x.grad[0] == 0)  # nan -> 0, and it does not spill into the other sample
+    assert torch.all(x.grad[0] == 0)  # 0, and it does not spill into the other sample
     torch.testing.assert_close(x.grad[1], torch.full((2,), 1.0 / 0.75 / 4, dtype=DTYPE))
 
 
@@ -171,6 +171,28 @@ def test_fake_score_starts_as_teacher_so_first_dmd_gradient_vanishes():
         x0_fake = x0_from_eps(x_t, fake(x_t, t, labels, AC), AC[t])
     dmd_loss(x, x0_real, x0_fake).backward()
     assert torch.all(x.grad == 0)  # zero LoRA delta: fake == real, with or without DynaDG
+
+
+@pytest.mark.parametrize("guidance", [1.0, 1.75])
+def test_dynadg_at_the_fake_lora_scale_turns_the_real_score_into_the_guided_fake_score(guidance):
+    """E10 in the official code's units: lam is the LoRA's own scale, the fake runs at fake.lora_scale (2.0),
+    and both CFG branches carry it. So lam = 0 is the guided teacher, lam = 2.0 is CFG over the fake score's two
+    branches, and the real score is affine in lam in between (0.75: 37.5% of the way)."""
+    data = GaussianMixture()
+    fake = FakeScore(data)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        fake.net[-1].weight.copy_(0.5 * torch.randn(fake.net[-1].weight.shape, generator=g, dtype=DTYPE))
+    x = torch.randn(32, 2, generator=g, dtype=DTYPE)
+    labels = torch.randint(0, data.num_modes, (32,), generator=g)
+    t = torch.randint(20, 981, (32,), generator=g)
+    with torch.no_grad():
+        real = {lam: real_eps(data, fake, x, t, labels, guidance, lam, AC) for lam in (0.0, 0.75, 2.0)}
+        fake_c, fake_u = fake(x, t, labels, AC), fake(x, t, torch.full_like(labels, data.num_modes), AC)
+    assert torch.equal(real[0.0], data.guided_eps(x, t, labels, guidance, AC))
+    assert torch.allclose(real[2.0], fake_u + guidance * (fake_c - fake_u), rtol=1e-10, atol=1e-12)
+    assert (real[2.0] - real[0.0]).abs().max() > 1e-2
+    assert torch.allclose(real[0.75], real[0.0] + 0.375 * (real[2.0] - real[0.0]), rtol=1e-10, atol=1e-12)
 
 
 def test_backward_simulation_sees_the_sampler_states():

@@ -82,8 +82,8 @@ def dmd_loss(x, x0_real, x0_fake):
     dims = tuple(range(1, x.dim()))
     p_real = x - x0_real
     p_fake = x - x0_fake
-    g = (p_real - p_fake) / p_real.abs().mean(dim=dims, keepdim=True)  # E8: per-sample normalisation
-    g = torch.nan_to_num(g)  # 0/0 -> 0 where x == x0_real == x0_fake
+    g = (p_real - p_fake) / (p_real.abs().mean(dim=dims, keepdim=True) + 1e-8)  # E8: per sample (+ 1e-8: official)
+    g = torch.nan_to_num(g)
     return 0.5 * F.mse_loss(x, (x - g).detach())
 
 
@@ -149,9 +149,10 @@ class FakeScore(nn.Module):
     Conditional on the label, no CFG (as DMD2's fake UNet gets the prompt): it must model the generator's
     p_fake(x | c), which is what the generator's conditional output is matched against."""
 
-    def __init__(self, data, hidden=64, emb=32):
+    def __init__(self, data, hidden=64, emb=32, lora_scale=2.0):
         super().__init__()
         self.data, self.emb = data, emb
+        self.lora_scale = lora_scale  # the delta plays DMDR's fake LoRA at its scale 2.0 (alpha/r): DynaDG's units
         self.label_emb = nn.Embedding(data.num_modes + 1, emb)
         self.net = nn.Sequential(nn.Linear(2 + 2 * emb, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                                  nn.Linear(hidden, 2))
@@ -172,9 +173,17 @@ class FakeScore(nn.Module):
 
 
 def real_eps(data, fake, x, t, labels, guidance, lam, alphas_cumprod):
-    """The real score: the teacher with CFG; DynaDG (E10) switches the fake's delta in at scale lam."""
+    """The real score: the teacher with CFG. DynaDG (E10) switches the fake's LoRA in at scale lam, in the units
+    of the fake's own scale (official demo: 0.75 against 2.0, so 37.5% of its delta), on both CFG branches, as
+    the one adapted UNet does in dmdr.py: eps + (lam / s) (d_u + w (d_c - d_u))."""
     eps = data.guided_eps(x, t, labels, guidance, alphas_cumprod)
-    return eps + lam * fake.delta(x, t, labels, alphas_cumprod) if lam > 0 else eps  # E10
+    if lam == 0:
+        return eps
+    delta = fake.delta(x, t, labels, alphas_cumprod)
+    if guidance != 1.0:
+        delta_u = fake.delta(x, t, torch.full_like(labels, data.num_modes), alphas_cumprod)  # the null label
+        delta = delta_u + guidance * (delta - delta_u)
+    return eps + lam / fake.lora_scale * delta  # E10
 
 
 # ---------------------------------------------------------------------------------------------------
