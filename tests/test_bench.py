@@ -101,3 +101,31 @@ def test_unet_rate_times_the_scripts_call_sizes_and_the_summary_shows_them(tmp_p
         in summary
     with pytest.raises(SystemExit, match="--small-batches '4,x' is not a list of positive integers"):
         unet_rate.main(["--teacher", "tiny", "--device", "cpu", "--small-batches", "4,x"])
+
+
+def test_a_broken_case_costs_its_row_not_the_table(tmp_path, monkeypatch):
+    """One GPU call runs the whole table: a case whose output the bench cannot read is recorded and the next case
+    runs; a metrics line cut short by a killed process is skipped; a timed-out case that did log a profile is
+    shown as timed out, not "ok"; a null (non-finite) floor prints as "-"."""
+    calls = []
+
+    def fake_run(cmd, log, timeout):
+        calls.append(cmd)
+        run_dir = tmp_path / cmd[cmd.index("--out") + 1].rsplit("/", 1)[-1]
+        run_dir.mkdir(exist_ok=True)
+        profile = dict(phase="profile", iters=2, wall_s=4.0, floor_s=None, wall_over_floor=None, unet_forward=8,
+                       unet_forward_backward=4, vae_decode=2)
+        text = "{not json\n" if len(calls) == 1 else json.dumps(profile) + '\n{"iter": 3, "lo'
+        (run_dir / "metrics.jsonl").write_text(text)
+        return (1 if len(calls) == 1 else "timeout"), 1.0
+    monkeypatch.setattr(sd_profile, "run", fake_run)
+    results = sd_profile.main(["--teacher", "tiny", "--cases", "dmdr-lora,redif-lora", "--out", str(tmp_path)])
+    assert [r["status"] for r in results] == ["failed (1)", "failed (timeout)"] and len(calls) == 2
+    assert sd_profile.read_metrics(tmp_path / "redif-lora") == [json.loads(json.dumps(
+        dict(phase="profile", iters=2, wall_s=4.0, floor_s=None, wall_over_floor=None, unet_forward=8,
+             unet_forward_backward=4, vae_decode=2)))]
+    line = (tmp_path / "summary.md").read_text().splitlines()[-1]
+    assert line.startswith("| redif-lora | failed (timeout) (1 s) | 2.00 | - | - |")
+    monkeypatch.setattr(sd_profile, "run_case", lambda *args, **kw: {}["no such key"])
+    results = sd_profile.main(["--teacher", "tiny", "--cases", "dmdr-lora,redif-lora", "--out", str(tmp_path)])
+    assert [r["status"][:13] for r in results] == ["bench error: "] * 2 and (tmp_path / "summary.md").exists()

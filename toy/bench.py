@@ -91,10 +91,13 @@ def on_support(data, x, threshold):
 
 
 def metrics(data, x, x_teacher, x_data, cfg):
+    """reward_diff_se: s.e. of the mean reward difference to the teacher, per (label, x_T) pair. The pairs share
+    their label, which holds most of the reward's variance, so this is ~10x below an unpaired s.e."""
+    diff = toy_reward(x) - toy_reward(x_teacher)
     return dict(align_err=alignment_error(x, x_teacher), sw2=sliced_w2(x, x_data),
                 mmd=mmd_rbf(x, x_data, cfg.mmd_bandwidth), coverage=mode_coverage(data, x, cfg.coverage_share),
                 on_support=on_support(data, x, support_threshold(data, x_data)),
-                reward=toy_reward(x).mean().item(), reward_se=(toy_reward(x).std() / math.sqrt(len(x))).item())
+                reward=toy_reward(x).mean().item(), reward_diff_se=(diff.std() / math.sqrt(len(x))).item())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -162,8 +165,10 @@ def train_all(data, init, cfg, log=print):
 def evaluate(data, samplers, cfg):
     """One row per (method, K), all on the same held-out pairs and the same exact teacher outputs."""
     labels, x_T, x_teacher = teacher_pairs(data, cfg.eval_size, 777)
-    x_data, _ = data.sample(cfg.eval_size, generator=seeded(778))
-    x_data2, _ = data.sample(cfg.eval_size, generator=seeded(779))
+    # the data references carry the eval pairs' labels: a label count of their own would add the same
+    # mismatch to every method's SW2 and MMD (data vs data SW2 0.086 +- 0.035 over 12 unmatched draws)
+    x_data, _ = data.sample(cfg.eval_size, labels=labels, generator=seeded(778))
+    x_data2, _ = data.sample(cfg.eval_size, labels=labels, generator=seeded(779))
     rows = [dict(method="data (2nd draw)", K=0, train_s=0.0, **metrics(data, x_data2, x_teacher, x_data, cfg)),
             dict(method="teacher 50-step", K=50, train_s=0.0, **metrics(data, x_teacher, x_teacher, x_data, cfg))]
     samples = {}
@@ -273,11 +278,12 @@ def check_claims(rows, histories, cfg):
     claims.append(proxy_claim(histories, cfg))
 
     teacher = row["teacher 50-step", 50]
-    tol = lambda r: 2 * math.hypot(r["reward_se"], teacher["reward_se"])  # 2 s.e. of a difference of means
+    tol = lambda r: 2 * r["reward_diff_se"]  # 2 s.e. of the paired difference to the teacher
     capped = [row["DMD (no RL)", K]["reward"] <= teacher["reward"] + tol(row["DMD (no RL)", K]) for K in cfg.ks]
-    claims.append(("Distillation alone (DMD) is capped by the teacher's reward (rule: DMD <= teacher + 2 s.e.)",
-                   f"{'REPRODUCED' if all(capped) else 'NOT REPRODUCED'} ({sum(capped)}/{len(capped)} K)",
-                   f"teacher {teacher['reward']:+.3f}; DMD " + ", ".join(
+    claims.append(("Distillation alone (DMD) is capped by the teacher's reward (rule: DMD <= teacher + 2 paired "
+                   "s.e.)", f"{'REPRODUCED' if all(capped) else 'NOT REPRODUCED'} ({sum(capped)}/{len(capped)} K)",
+                   f"teacher {teacher['reward']:+.3f} (DMD's own target, the unguided data: "
+                   f"{row['data (2nd draw)', 0]['reward']:+.3f}); DMD " + ", ".join(
                        f"K={K} {row['DMD (no RL)', K]['reward']:+.3f} (2 s.e. {tol(row['DMD (no RL)', K]):.3f})"
                        for K in cfg.ks)))
 
@@ -300,7 +306,7 @@ def check_claims(rows, histories, cfg):
     ok = [dmdr[K]["reward"] > teacher["reward"] + tol(dmdr[K]) and dmdr[K]["on_support"] >= dmd[K]["on_support"] - 0.1
           for K in cfg.ks]
     claims.append(("DMDR raises the reward above the teacher's while staying on the data (rule: reward > "
-                   "teacher + 2 s.e., on-support fraction within 0.1 of DMD's)",
+                   "teacher + 2 paired s.e., on-support fraction within 0.1 of DMD's)",
                    f"{'REPRODUCED' if all(ok) else 'PARTLY' if any(ok) else 'NOT REPRODUCED'} ({sum(ok)}/{len(ok)} K)",
                    f"teacher reward {teacher['reward']:+.3f}; " + "; ".join(
                        f"K={K}: reward {dmdr[K]['reward']:+.3f} (2 s.e. {tol(dmdr[K]):.3f}), on support "
