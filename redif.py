@@ -270,6 +270,8 @@ def sampler_grid(num_steps, num_train_timesteps=1000):
 
 def _abar(alphas_cumprod, t):
     """abar_t; t < 0 means "after the last step" and uses alphas_cumprod[0] (SD: set_alpha_to_one=False)."""
+    if isinstance(t, int):  # the samplers' grid: a view (a Python int copied to the GPU would wait for it)
+        return alphas_cumprod[max(t, 0)]
     t = torch.as_tensor(t, device=alphas_cumprod.device)
     return torch.where(t >= 0, alphas_cumprod[t.clamp(min=0)], alphas_cumprod[0])
 
@@ -776,8 +778,9 @@ def policy_loss_step(models, latents, old_log_probs, advantages, cond, k, t, t_p
         loss = loss + cfg.beta * kl.mean()
     log_ratio = (log_prob - old_log_probs[:, k]).detach()
     ratio_err = (log_ratio.exp() - 1).abs()
-    return loss, dict(kl=kl.mean().item(), approx_kl=0.5 * (log_ratio**2).mean().item(),
-                      clipfrac=(ratio_err > cfg.clip_range).float().mean().item(), ratio_err=ratio_err.max().item())
+    stats = torch.stack([loss.detach(), kl.mean().detach(), 0.5 * (log_ratio**2).mean(),
+                         (ratio_err > cfg.clip_range).float().mean(), ratio_err.max()]).tolist()  # one GPU sync
+    return loss, dict(zip(("loss", "kl", "approx_kl", "clipfrac", "ratio_err"), stats))
 
 
 def trainable_params(models):
@@ -816,7 +819,7 @@ def rl_update(models, optimizer, rollout, advantages, generator):
                     loss, stats = policy_loss_step(models, latents[mb], old_log_probs[mb], advantages[mb], cond[mb],
                                                    k, t, t_prev)
                     (loss * len(mb) / len(minibatch) / cfg.steps).backward()
-                    logs.append(dict(stats, loss=loss.item(), rows=len(mb)))
+                    logs.append(dict(stats, rows=len(mb)))
             if first is None:
                 first = list(logs)
             skipped += not optimiser_step(models, optimizer)

@@ -590,6 +590,8 @@ def test_ddim_step_with_logprob_matches_toy_and_diffusers(eta):
                           set_alpha_to_one=False, timestep_spacing="trailing")
     torch.testing.assert_close(sched.alphas_cumprod, ac64.float())
     sched.set_timesteps(5)
+    for t in (999, 199, 0, -1):  # a Python int (the grid's; no host-to-device copy) or a tensor: the same abar
+        assert torch.equal(redif._abar(sched.alphas_cumprod, t), redif._abar(sched.alphas_cumprod, torch.tensor(t)))
     for t, t_prev in [(999, 799), (399, 199), (199, -1)]:
         eps, sample, noise = (torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
         ref = toy.ddim_step_with_logprob(eps, t, t_prev, sample, ac64, eta, prev_sample=sample * 0.9 + noise * 0.1)
@@ -877,7 +879,7 @@ def test_a_nonfinite_gradient_is_never_applied(workdir, monkeypatch):
 
     def loss_step(*args):
         loss, stats = policy_loss_step(*args)
-        return (loss * float("inf") if poisoned[0] else loss), stats
+        return (loss * float("inf"), dict(stats, loss=float("inf"))) if poisoned[0] else (loss, stats)
 
     monkeypatch.setattr(redif, "train_iteration", iteration)
     monkeypatch.setattr(redif, "policy_loss_step", loss_step)
