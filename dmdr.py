@@ -18,8 +18,9 @@ The generator is saved as a complete diffusers pipeline (LCMScheduler set to the
 
 Outputs in --out: config.json, metrics.jsonl (per iteration: dmd_loss, grad_norm = RMS of the DMD gradient g,
 fake_loss, rl_loss (GRPO's is 0 on-policy, its gradient is not), reward, dynadg_scale, dynars_mean,
-sec_generator/sec_fake/sec_rl, and eval_* every --eval-every), samples_NNNNNN.png (held-out prompts: generator row above teacher row), checkpoint.pt (atomic;
---resume continues exactly; Ctrl-C finishes the iteration and checkpoints), generator/ (diffusers pipeline).
+sec_generator/sec_fake/sec_rl, and eval_* every --eval-every), samples_NNNNNN.png (held-out prompts: generator
+row above teacher row), checkpoint.pt (atomic; --resume continues exactly; Ctrl-C finishes the iteration and
+checkpoints), generator/ (diffusers pipeline).
 
 Precision (--precision, default bf16 on CUDA): the frozen parts are bf16 under a bf16 autocast, the trainable
 parts (LoRAs, a full generator) and AdamW fp32; this path is tested on CPU, the CUDA kernels were not run in
@@ -28,8 +29,8 @@ the VAE; --compile (torch.compile, channels_last).
 
 Memory layout: ONE UNet holds the teacher's weights (frozen). The fake score is a peft LoRA adapter "fake" on
 it and a LoRA generator is a second adapter "generator" on it; the real score is the same UNet with adapters
-off (or, under DynaDG, with "fake" at a smaller scale on both CFG branches). A full generator (`--generator full`, DMD2's
-choice) is necessarily a second, trainable copy.
+off (or, under DynaDG, with "fake" at a smaller scale on both CFG branches). A full generator
+(`--generator full`, DMD2's choice) is necessarily a second, trainable copy.
 """
 import argparse
 import collections

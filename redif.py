@@ -1302,7 +1302,8 @@ def main(argv=None):
                 save_checkpoint(out / "checkpoint.pt", count, models, optimizer, tracker, nan_state)
             if nan_state["streak"] >= cfg.max_nan_skips:
                 fail(f"rewards or gradients were NaN/inf in {nan_state['streak']} iterations in a row (updates "
-                     "skipped, checkpoint saved)", "check the reward models and --reward weights, lower --lr, then --resume")
+                     "skipped, checkpoint saved)",
+                     "check the reward models and --reward weights, lower --lr, then --resume")
             if stop:
                 print(f"saved {out / 'checkpoint.pt'} at iteration {count}; continue with --resume", file=sys.stderr)
                 return None

@@ -158,6 +158,7 @@ def floor_here(counts, costs, trains):
 
 
 def table(results, costs):
+    number = lambda v, digits=2: "-" if v is None else f"{v:.{digits}f}"  # the scripts log non-finite as null
     lines = ["| case | status | s / iter | floor s / iter (H100 costs) | wall / floor | floor s / iter (here) | "
              "wall / floor here | peak GiB | UNet fwd / fwd+bwd images per iter | phases (s / iter) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -172,11 +173,9 @@ def table(results, costs):
         phases = ", ".join([f"{k[4:]} {v / n:.2f}" for k, v in row.items() if k.startswith("sec_")]
                            + [f"{k} {v:.3g}" for k, v in r.get("checks", {}).items()])
         wall = row["wall_s"] / n
-        number = lambda v, scale=1: "-" if v is None else f"{v / scale:.2f}"  # the scripts log non-finite as null
-        cells = [f"{r['status']} ({r['seconds']:.0f} s)", f"{wall:.2f}", number(row["floor_s"], n),
-                 number(row["wall_over_floor"]),
-                 "-" if here is None else f"{here:.2f}", "-" if here is None else f"{wall / here:.2f}",
-                 "-" if row.get("peak_gib") is None else f"{row['peak_gib']:.1f}",
+        floor = None if row["floor_s"] is None else row["floor_s"] / n
+        cells = [f"{r['status']} ({r['seconds']:.0f} s)", f"{wall:.2f}", number(floor), number(row["wall_over_floor"]),
+                 number(here), number(None if here is None else wall / here), number(row.get("peak_gib"), 1),
                  f"{r['counts']['forward'] // n} / {(r['counts']['train'] + r['counts']['train lora']) // n}",
                  phases]
         lines.append(f"| {r['case']} | " + " | ".join(cells) + " |")
@@ -193,7 +192,8 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/bench", help="folder of the runs, log.txt and summary.{json,md}")
     parser.add_argument("--case-timeout", type=int, default=300, help="seconds before a case is stopped")
     parser.add_argument("--budget", type=int, default=0, help="stop every case by this many seconds from the start, "
-                        f"and start none with under {MIN_CASE_SECONDS} s left, {2 * MIN_CASE_SECONDS} for sd15-random (0: no limit)")
+                        f"and start none with under {MIN_CASE_SECONDS} s left, {2 * MIN_CASE_SECONDS} for "
+                        "sd15-random (0: no limit)")
     parser.add_argument("--compile-unet", action="store_true", help="the unet case also times torch.compile")
     args = parser.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
