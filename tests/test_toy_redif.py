@@ -1,5 +1,5 @@
-"""Toy ReDiF (E3-E7), its baselines and the benchmark: properties of the pure functions, then seeded
-learning tests on a small pretrained student (margins measured over seeds, kept wide)."""
+"""Toy ReDiF (E3-E7), its baselines, the benchmark and the fake-score study: properties of the pure functions,
+then seeded learning tests on a small pretrained student (margins measured over seeds, kept wide)."""
 import dataclasses
 import math
 
@@ -7,10 +7,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from toy import bench
+from toy import bench, fake_study
 from toy.baselines import (consistency_distillation, consistency_fn, consistency_sample, progressive_distillation,
                            progressive_start_steps)
 from toy.diffusion import DTYPE, GaussianMixture, pretrain_student, student_sample, teacher_sample
+from toy.dmdr import ToyDMDRConfig, generate, train_dmdr
 from toy.redif import (PerPromptStatTracker, ToyReDiFConfig, alignment_error, alignment_reward, behaviour_cloning,
                        clipped_surrogate, gaussian_kl, grpo_advantages, semantic_embed, teacher_pairs,
                        teacher_states, train_redif)
@@ -288,3 +289,23 @@ def test_bench_smoke(tmp_path):
                                     for _, v, _ in claims)
     assert "## Claims" in report and (tmp_path / "table.md").exists() and (tmp_path / "scatter_K2.png").exists()
     assert [r for r in rows if r["method"] == "teacher 50-step"][0]["align_err"] == 0
+
+
+def test_fake_study_runs_the_benchs_dmd_with_each_fake(tmp_path):
+    """toy/fake_study.py: its learned / step row is the bench's DMD run (same init, config and eval pairs), and
+    each variant row holds one value per seed."""
+    cfg = dataclasses.replace(bench.QUICK, pretrain_steps=60, eval_size=128, dmdr=dict(iters=6, total_steps=3,
+                                                                                   batch=32))
+    rows = fake_study.run([2], [0, 1], str(tmp_path), cfg, log=lambda *a: None)
+    assert [(r["K"], r["fake"], r["samples"]) for r in rows] == [(0, "data (2nd draw)", ""), (2, "init", "")] + [
+        (2, f, s) for f, s in fake_study.VARIANTS]
+    assert all(len(r["sw2"]) == 2 for r in rows[2:])
+    data = GaussianMixture()
+    init, _ = bench.cached_student_init(data, cfg, str(tmp_path))
+    labels, x_T, x_teacher = teacher_pairs(data, cfg.eval_size, 777)
+    x_data, _ = data.sample(cfg.eval_size, labels=labels, generator=bench.seeded(778))
+    model, _ = train_dmdr(data, init, ToyDMDRConfig(steps=2, **cfg.dmdr), seed=1)
+    x = generate(model, x_T, labels, 2, generator=bench.seeded())
+    assert rows[2]["sw2"][1] == bench.metrics(data, x, x_teacher, x_data, cfg)["sw2"]
+    assert rows[2]["sw2"] != rows[4]["sw2"]  # the oracle fake on final outputs trains another generator
+    assert "| 2 | learned | step |" in fake_study.format_table(rows)

@@ -18,6 +18,9 @@ Choices where the papers are silent (ours):
 - GRPO / DPO make that last step a Gaussian policy: DDIM with eta = 1 to "after the last step" (E1, E2);
   GRPO groups and DPO pairs share label and state and differ only in that step's noise. DPO's reference is
   the generator as RL switches on (after the cold start).
+- The fake score learns from the trained step's x0, as DMD2's backward simulation and DMDR's SDXL code feed
+  theirs: a mix of every step's outputs. toy/fake_study.py measures what that costs at K >= 2, with
+  `fake_samples = "final"` and a fitted-Gaussian oracle (`fake = "gaussian"`) in place of the learned fake.
 - The fake delta is sqrt(abar_t) * MLP (see FakeScore.delta), its Adam has beta1 = 0, and each fresh generator
   sample enters the fake loss at fake_draws (t, noise) pairs: without these the fake jittered or lagged,
   and the generator wandered with it.
@@ -62,6 +65,8 @@ class ToyDMDRConfig:
     dpo_beta: float = 0.05  # Diffusion-DPO beta on the per-step log-ratio (E2 scale: averaged over dims)
     max_grad_norm: float = 10.0  # DMD2's clipping
     fake_hidden: int = 64
+    fake: str = "learned"  # learned: FakeScore (the method) | gaussian: GaussianFake, a diagnostic oracle
+    fake_samples: str = "step"  # the fake learns from: step = the trained step's x0 (DMD2, DMDR) | final = x0 at K
 
 
 # Our choice: the largest weights that kept DMDR's SW2 to the data within ~1.3x DMD's at K = 2, 4, 8 while
@@ -172,6 +177,31 @@ class FakeScore(nn.Module):
         return self.data.eps(x, t, labels, alphas_cumprod) + self.delta(x, t, labels, alphas_cumprod)
 
 
+class GaussianFake:
+    """A diagnostic stand-in for FakeScore, not the method: the exact eps of per-label Gaussians fitted to the
+    latest generator samples. Each label's output of this toy's generator is close to one Gaussian, so this is
+    about the best fake score there is, without FakeScore's lag or fitting error. A label with fewer than 3
+    samples keeps its last fit; before the first, the fit is the data's own (as the LoRA starts at zero)."""
+
+    lora_scale = 2.0  # DynaDG's units, as FakeScore
+
+    def __init__(self, data):
+        self.data, self.means, self.covs = data, data.means.clone(), data.covs.clone()
+        self.fitted = data
+
+    def fit(self, x, labels):
+        for m in labels.unique().tolist():
+            if (labels == m).sum() >= 3:
+                self.means[m], self.covs[m] = x[labels == m].mean(0), torch.cov(x[labels == m].T)
+        self.fitted = type(self.data)(weights=self.data.weights, means=self.means, covs=self.covs)
+
+    def __call__(self, x, t, labels, alphas_cumprod):
+        return self.fitted.eps(x, t, labels, alphas_cumprod)
+
+    def delta(self, x, t, labels, alphas_cumprod):
+        return self(x, t, labels, alphas_cumprod) - self.data.eps(x, t, labels, alphas_cumprod)
+
+
 def real_eps(data, fake, x, t, labels, guidance, lam, alphas_cumprod):
     """The real score: the teacher with CFG. DynaDG (E10) switches the fake's LoRA in at scale lam, in the units
     of the fake's own scale (official demo: 0.75 against 2.0, so 37.5% of its delta), on both CFG branches, as
@@ -257,6 +287,9 @@ def train_dmdr(data, student_init, cfg, seed=0):
         raise ValueError(f"rl must be one of {list(RL_WEIGHTS)}, got {cfg.rl!r}")
     if not cfg.use_dmd and cfg.rl == "none":
         raise ValueError("use_dmd=False needs an RL branch (rl='refl', 'dpo' or 'grpo')")
+    if cfg.fake not in ("learned", "gaussian") or cfg.fake_samples not in ("step", "final"):
+        raise ValueError(f"fake must be 'learned' or 'gaussian' and fake_samples 'step' or 'final', got "
+                         f"{cfg.fake!r}, {cfg.fake_samples!r}")
     if cfg.batch < (2 if cfg.rl == "dpo" else cfg.group_size):
         raise ValueError(f"batch {cfg.batch} holds no full GRPO group / DPO pair (fix: batch >= group_size)")
     rl_weight = RL_WEIGHTS[cfg.rl] if cfg.rl_weight is None else cfg.rl_weight
@@ -264,9 +297,12 @@ def train_dmdr(data, student_init, cfg, seed=0):
     g = torch.Generator().manual_seed(seed)
     ac = sd_alphas_cumprod()
     model = copy.deepcopy(student_init).requires_grad_(True).train()
-    fake = FakeScore(data, cfg.fake_hidden)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    fake_opt = torch.optim.Adam(fake.parameters(), lr=cfg.fake_lr, betas=(0.0, 0.999))
+    if cfg.fake == "learned":
+        fake = FakeScore(data, cfg.fake_hidden)
+        fake_opt = torch.optim.Adam(fake.parameters(), lr=cfg.fake_lr, betas=(0.0, 0.999))
+    else:
+        fake = GaussianFake(data)
     renoise = lambda n, it: sample_renoise_timesteps(n, it, cfg.a0, cfg.b0, cfg.total_steps, generator=g,
                                                      dynamic=cfg.dynars)
     B, K = cfg.batch, cfg.steps
@@ -285,6 +321,8 @@ def train_dmdr(data, student_init, cfg, seed=0):
         labels = torch.multinomial(data.weights, z.shape[0], replacement=True, generator=g)
         k = torch.randint(K, (z.shape[0],), generator=g)
         k[final] = K - 1
+        if cfg.fake_samples == "final":
+            k[fake_part] = K - 1
         x_k, t_k = backward_simulate(model, z, labels, K, k, g)  # (N, 2), (N,)
 
         # Fake score: fake_updates epsilon-loss steps on fresh, detached generator samples (E9, two time-scales),
@@ -298,13 +336,17 @@ def train_dmdr(data, student_init, cfg, seed=0):
                 noise = torch.randn(x_gen.shape, generator=g, dtype=DTYPE)
                 x_t = add_noise(x_gen, noise, ac[t])  # (n_fake * fake_draws, 2)
                 eps_teacher = data.eps(x_t, t, labels_gen, ac)
-            for sl in torch.randperm(x_t.shape[0], generator=g).chunk(cfg.fake_updates):
-                eps_fake = eps_teacher[sl] + fake.delta(x_t[sl], t[sl], labels_gen[sl], ac)
-                loss = fake_score_loss(eps_fake, noise[sl])  # E9
-                fake_opt.zero_grad()
-                loss.backward()
-                fake_opt.step()
-                fake_losses.append(loss.item())
+            order = torch.randperm(x_t.shape[0], generator=g)  # drawn either way: the oracle's runs are paired
+            if cfg.fake == "gaussian":  # the diagnostic oracle: fitted, not trained
+                fake.fit(x_gen[:n_fake], labels_gen[:n_fake])
+            else:
+                for sl in order.chunk(cfg.fake_updates):
+                    eps_fake = eps_teacher[sl] + fake.delta(x_t[sl], t[sl], labels_gen[sl], ac)
+                    loss = fake_score_loss(eps_fake, noise[sl])  # E9
+                    fake_opt.zero_grad()
+                    loss.backward()
+                    fake_opt.step()
+                    fake_losses.append(loss.item())
 
         # Generator: DMD gradient on renoised output (E8) + lambda_rl * RL loss (E12)
         loss_dmd = loss_rl = torch.zeros((), dtype=DTYPE)
