@@ -248,10 +248,33 @@ def test_fake_samples_selects_which_generator_outputs_the_fake_learns(samples, m
     assert gap < 0.04 if samples == "final" else gap > 0.5
 
 
+def test_per_step_fake_keeps_one_score_per_step_and_dynadg_follows_it():
+    """fake_per_step: FakeScore(steps=K) is told the step with the label. Step 0 of it is the plain fake (same
+    weights, same numbers), another step is another function, and DynaDG's real score at the fake's own scale is
+    the fake score of the step it is given."""
+    data = GaussianMixture()
+    plain, per_step = FakeScore(data), FakeScore(data, steps=2)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        per_step.net[-1].weight.copy_(0.5 * torch.randn(per_step.net[-1].weight.shape, generator=g, dtype=DTYPE))
+        plain.net.load_state_dict(per_step.net.state_dict())
+        plain.label_emb.weight.copy_(per_step.label_emb.weight[: data.num_modes + 1])
+    x = torch.randn(32, 2, generator=g, dtype=DTYPE)
+    labels = torch.randint(0, data.num_modes, (32,), generator=g)
+    t = torch.randint(20, 981, (32,), generator=g)
+    step = torch.randint(0, 2, (32,), generator=g)
+    with torch.no_grad():
+        assert torch.equal(per_step(x, t, labels, AC, 0), plain(x, t, labels, AC))
+        assert (per_step.delta(x, t, labels, AC, 1) - per_step.delta(x, t, labels, AC, 0)).abs().min() > 0
+        real = real_eps(data, per_step, x, t, labels, 1.0, per_step.lora_scale, AC, step)
+        torch.testing.assert_close(real, per_step(x, t, labels, AC, step), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("override, match", [
     (dict(rl="ppo"), "rl must be one of"), (dict(use_dmd=False), "needs an RL branch"),
     (dict(rl="grpo", batch=4), "no full GRPO group"), (dict(fake="oracle"), "fake must be"),
-    (dict(fake_samples="last"), "fake_samples"),
+    (dict(fake_samples="last"), "fake_samples"), (dict(fake_per_step=True, fake="gaussian"), "fake_per_step"),
+    (dict(fake_per_step=True, fake_samples="final"), "fake_per_step"),
 ])
 def test_train_dmdr_rejects_bad_config_before_training(override, match):
     with pytest.raises(ValueError, match=match):

@@ -298,7 +298,7 @@ def test_fake_study_runs_the_benchs_dmd_with_each_fake(tmp_path):
                                                                                    batch=32))
     rows = fake_study.run([2], [0, 1], str(tmp_path), cfg, log=lambda *a: None)
     assert [(r["K"], r["fake"], r["samples"]) for r in rows] == [(0, "data (2nd draw)", ""), (2, "init", "")] + [
-        (2, f, s) for f, s in fake_study.VARIANTS]
+        (2, f, s) for f, s, _ in fake_study.VARIANTS]
     assert all(len(r["sw2"]) == 2 for r in rows[2:])
     data = GaussianMixture()
     init, _ = bench.cached_student_init(data, cfg, str(tmp_path))

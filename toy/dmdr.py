@@ -19,8 +19,9 @@ Choices where the papers are silent (ours):
   GRPO groups and DPO pairs share label and state and differ only in that step's noise. DPO's reference is
   the generator as RL switches on (after the cold start).
 - The fake score learns from the trained step's x0, as DMD2's backward simulation and DMDR's SDXL code feed
-  theirs: a mix of every step's outputs. toy/fake_study.py measures what that costs at K >= 2, with
-  `fake_samples = "final"` and a fitted-Gaussian oracle (`fake = "gaussian"`) in place of the learned fake.
+  theirs: a mix of every step's outputs. toy/fake_study.py measures what that costs at K >= 2, with a
+  fitted-Gaussian oracle (`fake = "gaussian"`), `fake_samples = "final"`, and our fix, a fake told the step
+  (`fake_per_step`). The defaults stay the papers'.
 - The fake delta is sqrt(abar_t) * MLP (see FakeScore.delta), its Adam has beta1 = 0, and each fresh generator
   sample enters the fake loss at fake_draws (t, noise) pairs: without these the fake jittered or lagged,
   and the generator wandered with it.
@@ -67,6 +68,8 @@ class ToyDMDRConfig:
     fake_hidden: int = 64
     fake: str = "learned"  # learned: FakeScore (the method) | gaussian: GaussianFake, a diagnostic oracle
     fake_samples: str = "step"  # the fake learns from: step = the trained step's x0 (DMD2, DMDR) | final = x0 at K
+    fake_per_step: bool = False  # ours, not the papers': the fake also gets the step k, so each step's x0 meets
+    # the score of that step's own outputs, not of all steps' mixed (toy/fake_study.py)
 
 
 # Our choice: the largest weights that kept DMDR's SW2 to the data within ~1.3x DMD's at K = 2, 4, 8 while
@@ -152,29 +155,31 @@ class FakeScore(nn.Module):
     """eps_fake(x_t, t, c) = exact conditional eps of the data + delta_phi(x_t, t, c), delta_phi(.) = 0 at init.
 
     Conditional on the label, no CFG (as DMD2's fake UNet gets the prompt): it must model the generator's
-    p_fake(x | c), which is what the generator's conditional output is matched against."""
+    p_fake(x | c), which is what the generator's conditional output is matched against. With steps > 1 it is
+    conditional on the generator's step k too (fake_per_step): one embedding per (label, k)."""
 
-    def __init__(self, data, hidden=64, emb=32, lora_scale=2.0):
+    def __init__(self, data, hidden=64, emb=32, lora_scale=2.0, steps=1):
         super().__init__()
         self.data, self.emb = data, emb
         self.lora_scale = lora_scale  # the delta plays DMDR's fake LoRA at its scale 2.0 (alpha/r): DynaDG's units
-        self.label_emb = nn.Embedding(data.num_modes + 1, emb)
+        self.label_emb = nn.Embedding((data.num_modes + 1) * steps, emb)
         self.net = nn.Sequential(nn.Linear(2 + 2 * emb, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                                  nn.Linear(hidden, 2))
         nn.init.zeros_(self.net[-1].weight)  # zero delta: the fake score starts as the teacher (LoRA's B = 0)
         nn.init.zeros_(self.net[-1].bias)
         self.to(DTYPE)
 
-    def delta(self, x, t, labels, alphas_cumprod):
+    def delta(self, x, t, labels, alphas_cumprod, step=0):
         """sqrt(abar_t) * net: the x0 correction it implies, -sqrt(1 - abar_t) * net, is O(net) at every t.
         A plain eps delta learns large corrections at low t that leak to high t, where x0_from_eps
         amplifies them up to 1 / sqrt(abar_999) ~ 15x: the fake's x0 went 10 units off and DMD diverged."""
         t = torch.as_tensor(t).expand(x.shape[0])
-        out = self.net(torch.cat([x, timestep_embedding(t, self.emb), self.label_emb(labels)], -1))
+        label_step = labels + (self.data.num_modes + 1) * step  # step: int or (B,)
+        out = self.net(torch.cat([x, timestep_embedding(t, self.emb), self.label_emb(label_step)], -1))
         return alphas_cumprod[t].sqrt().unsqueeze(-1) * out
 
-    def forward(self, x, t, labels, alphas_cumprod):
-        return self.data.eps(x, t, labels, alphas_cumprod) + self.delta(x, t, labels, alphas_cumprod)
+    def forward(self, x, t, labels, alphas_cumprod, step=0):
+        return self.data.eps(x, t, labels, alphas_cumprod) + self.delta(x, t, labels, alphas_cumprod, step)
 
 
 class GaussianFake:
@@ -195,23 +200,23 @@ class GaussianFake:
                 self.means[m], self.covs[m] = x[labels == m].mean(0), torch.cov(x[labels == m].T)
         self.fitted = type(self.data)(weights=self.data.weights, means=self.means, covs=self.covs)
 
-    def __call__(self, x, t, labels, alphas_cumprod):
+    def __call__(self, x, t, labels, alphas_cumprod, step=0):  # one fit for every step
         return self.fitted.eps(x, t, labels, alphas_cumprod)
 
-    def delta(self, x, t, labels, alphas_cumprod):
+    def delta(self, x, t, labels, alphas_cumprod, step=0):
         return self(x, t, labels, alphas_cumprod) - self.data.eps(x, t, labels, alphas_cumprod)
 
 
-def real_eps(data, fake, x, t, labels, guidance, lam, alphas_cumprod):
+def real_eps(data, fake, x, t, labels, guidance, lam, alphas_cumprod, step=0):
     """The real score: the teacher with CFG. DynaDG (E10) switches the fake's LoRA in at scale lam, in the units
     of the fake's own scale (official demo: 0.75 against 2.0, so 37.5% of its delta), on both CFG branches, as
     the one adapted UNet does in dmdr.py: eps + (lam / s) (d_u + w (d_c - d_u))."""
     eps = data.guided_eps(x, t, labels, guidance, alphas_cumprod)
     if lam == 0:
         return eps
-    delta = fake.delta(x, t, labels, alphas_cumprod)
+    delta = fake.delta(x, t, labels, alphas_cumprod, step)
     if guidance != 1.0:
-        delta_u = fake.delta(x, t, torch.full_like(labels, data.num_modes), alphas_cumprod)  # the null label
+        delta_u = fake.delta(x, t, torch.full_like(labels, data.num_modes), alphas_cumprod, step)  # the null label
         delta = delta_u + guidance * (delta - delta_u)
     return eps + lam / fake.lora_scale * delta  # E10
 
@@ -290,6 +295,9 @@ def train_dmdr(data, student_init, cfg, seed=0):
     if cfg.fake not in ("learned", "gaussian") or cfg.fake_samples not in ("step", "final"):
         raise ValueError(f"fake must be 'learned' or 'gaussian' and fake_samples 'step' or 'final', got "
                          f"{cfg.fake!r}, {cfg.fake_samples!r}")
+    if cfg.fake_per_step and (cfg.fake, cfg.fake_samples) != ("learned", "step"):
+        raise ValueError("fake_per_step needs the learned fake trained on every step's outputs (fix: fake="
+                         "'learned', fake_samples='step')")
     if cfg.batch < (2 if cfg.rl == "dpo" else cfg.group_size):
         raise ValueError(f"batch {cfg.batch} holds no full GRPO group / DPO pair (fix: batch >= group_size)")
     rl_weight = RL_WEIGHTS[cfg.rl] if cfg.rl_weight is None else cfg.rl_weight
@@ -299,7 +307,7 @@ def train_dmdr(data, student_init, cfg, seed=0):
     model = copy.deepcopy(student_init).requires_grad_(True).train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     if cfg.fake == "learned":
-        fake = FakeScore(data, cfg.fake_hidden)
+        fake = FakeScore(data, cfg.fake_hidden, steps=cfg.steps if cfg.fake_per_step else 1)
         fake_opt = torch.optim.Adam(fake.parameters(), lr=cfg.fake_lr, betas=(0.0, 0.999))
     else:
         fake = GaussianFake(data)
@@ -323,6 +331,7 @@ def train_dmdr(data, student_init, cfg, seed=0):
         k[final] = K - 1
         if cfg.fake_samples == "final":
             k[fake_part] = K - 1
+        k_fake = k if cfg.fake_per_step else torch.zeros_like(k)  # the step the fake is told
         x_k, t_k = backward_simulate(model, z, labels, K, k, g)  # (N, 2), (N,)
 
         # Fake score: fake_updates epsilon-loss steps on fresh, detached generator samples (E9, two time-scales),
@@ -332,6 +341,7 @@ def train_dmdr(data, student_init, cfg, seed=0):
             with torch.no_grad():  # the fake score's exact part has no parameters: batch it once
                 x_gen = predict_x0(model, x_k[fake_part], t_k[fake_part], labels[fake_part], ac)  # (n_fake, 2)
                 x_gen, labels_gen = x_gen.repeat(cfg.fake_draws, 1), labels[fake_part].repeat(cfg.fake_draws)
+                k_gen = k_fake[fake_part].repeat(cfg.fake_draws)
                 t = renoise(x_gen.shape[0], it)  # DynaRS times for the fake loss too (E11)
                 noise = torch.randn(x_gen.shape, generator=g, dtype=DTYPE)
                 x_t = add_noise(x_gen, noise, ac[t])  # (n_fake * fake_draws, 2)
@@ -341,7 +351,7 @@ def train_dmdr(data, student_init, cfg, seed=0):
                 fake.fit(x_gen[:n_fake], labels_gen[:n_fake])
             else:
                 for sl in order.chunk(cfg.fake_updates):
-                    eps_fake = eps_teacher[sl] + fake.delta(x_t[sl], t[sl], labels_gen[sl], ac)
+                    eps_fake = eps_teacher[sl] + fake.delta(x_t[sl], t[sl], labels_gen[sl], ac, k_gen[sl])
                     loss = fake_score_loss(eps_fake, noise[sl])  # E9
                     fake_opt.zero_grad()
                     loss.backward()
@@ -355,9 +365,9 @@ def train_dmdr(data, student_init, cfg, seed=0):
             t = renoise(B, it)  # E11
             x_t = add_noise(x.detach(), torch.randn(x.shape, generator=g, dtype=DTYPE), ac[t])
             with torch.no_grad():
-                eps_real = real_eps(data, fake, x_t, t, labels[dmd], cfg.real_guidance, lam, ac)
+                eps_real = real_eps(data, fake, x_t, t, labels[dmd], cfg.real_guidance, lam, ac, k_fake[dmd])
                 x0_real = x0_from_eps(x_t, eps_real, ac[t])
-                x0_fake = x0_from_eps(x_t, fake(x_t, t, labels[dmd], ac), ac[t])
+                x0_fake = x0_from_eps(x_t, fake(x_t, t, labels[dmd], ac, k_fake[dmd]), ac[t])
             loss_dmd = dmd_loss(x, x0_real, x0_fake)  # E8
         if rl_on:
             loss_rl = rl_loss(cfg, model, ref, x_k[final], t_k[final], labels[final], ac, g)

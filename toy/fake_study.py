@@ -6,7 +6,8 @@ own outputs. This runs DMD (no RL, the bench's defaults) with four fake scores, 
   DMDR's SDXL code feed it: a mix of every step's outputs);
 - gaussian / step: the exact score of per-label Gaussians fitted to those same samples (no lag, no fit error);
 - gaussian / final: the same fit to the generator's final outputs only, the distribution DMD should match;
-- learned / final: FakeScore trained on final outputs only.
+- learned / final: FakeScore trained on final outputs only;
+- learned, per step / step: FakeScore told the step k too (fake_per_step, ours): one score per step's outputs.
 The bench's eval pairs and metrics; reward, SW2 and MMD as mean and spread over the seeds.
 
     python -m toy.fake_study --ks 2 --seeds 0,1,2 --out toy_fake_study
@@ -24,7 +25,11 @@ from toy.diffusion import GaussianMixture
 from toy.dmdr import ToyDMDRConfig, generate, train_dmdr
 from toy.redif import teacher_pairs
 
-VARIANTS = [("learned", "step"), ("gaussian", "step"), ("gaussian", "final"), ("learned", "final")]
+VARIANTS = [  # (fake score, the outputs it learns from, ToyDMDRConfig overrides)
+    ("learned", "step", {}), ("gaussian oracle", "step", dict(fake="gaussian")),
+    ("gaussian oracle", "final", dict(fake="gaussian", fake_samples="final")),
+    ("learned", "final", dict(fake_samples="final")), ("learned, per step", "step", dict(fake_per_step=True)),
+]
 KEYS = ("reward", "sw2", "mmd")
 
 
@@ -42,11 +47,11 @@ def run(ks, seeds, out, cfg=BenchConfig(), log=print):
     for K in ks:
         x = generate(init, x_T, labels, K, generator=seeded())
         rows.append(dict(K=K, fake="init", samples="", **{k: [v] for k, v in evaluate(x).items()}))
-        for fake, samples in VARIANTS[:2] if K == 1 else VARIANTS:  # at K = 1 every step is the final one
+        for fake, samples, overrides in VARIANTS[:2] if K == 1 else VARIANTS:  # K = 1: one step, the final one
             row = dict(K=K, fake=fake, samples=samples, **{k: [] for k in KEYS})
             for seed in seeds:
                 start = time.time()
-                dcfg = ToyDMDRConfig(steps=K, fake=fake, fake_samples=samples, **cfg.dmdr)
+                dcfg = ToyDMDRConfig(steps=K, **overrides, **cfg.dmdr)
                 model, _ = train_dmdr(data, init, dcfg, seed=seed)
                 for k, v in evaluate(generate(model, x_T, labels, K, generator=seeded())).items():
                     row[k].append(v)
