@@ -1,7 +1,7 @@
 """Why the toy's DMD ends no closer to the data than it started at K >= 2: its fake score, measured.
 
 DMD's gradient (E8) is only as good as the fake score: at equilibrium it must be the score of the generator's
-own outputs. This runs DMD (no RL, the bench's defaults) with four fake scores, on several seeds:
+own outputs. This runs DMD (no RL, the bench's defaults) with five fake scores, on several seeds:
 - learned / step: the method (FakeScore, trained on the trained step's x0, as DMD2's backward simulation and
   DMDR's SDXL code feed it: a mix of every step's outputs);
 - gaussian / step: the exact score of per-label Gaussians fitted to those same samples (no lag, no fit error);
