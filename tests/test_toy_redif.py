@@ -302,8 +302,7 @@ def test_fake_study_runs_the_benchs_dmd_with_each_fake(tmp_path):
     assert all(len(r["sw2"]) == 2 for r in rows[2:])
     data = GaussianMixture()
     init, _ = bench.cached_student_init(data, cfg, str(tmp_path))
-    labels, x_T, x_teacher = teacher_pairs(data, cfg.eval_size, 777)
-    x_data, _ = data.sample(cfg.eval_size, labels=labels, generator=bench.seeded(778))
+    labels, x_T, x_teacher, x_data, _ = bench.eval_references(data, cfg)
     model, _ = train_dmdr(data, init, ToyDMDRConfig(steps=2, **cfg.dmdr), seed=1)
     x = generate(model, x_T, labels, 2, generator=bench.seeded())
     assert rows[2]["sw2"][1] == bench.metrics(data, x, x_teacher, x_data, cfg)["sw2"]

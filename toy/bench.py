@@ -162,13 +162,19 @@ def train_all(data, init, cfg, log=print):
     return samplers, histories
 
 
-def evaluate(data, samplers, cfg):
-    """One row per (method, K), all on the same held-out pairs and the same exact teacher outputs."""
+def eval_references(data, cfg):
+    """The held-out (label, x_T) pairs, the teacher's outputs for them, and two exact data draws with the pairs'
+    labels: a label count of their own would add the same mismatch to every method's SW2 and MMD (data vs data
+    SW2 0.086 +- 0.035 over 12 unmatched draws). -> labels, x_T, x_teacher, x_data, x_data2."""
     labels, x_T, x_teacher = teacher_pairs(data, cfg.eval_size, 777)
-    # the data references carry the eval pairs' labels: a label count of their own would add the same
-    # mismatch to every method's SW2 and MMD (data vs data SW2 0.086 +- 0.035 over 12 unmatched draws)
     x_data, _ = data.sample(cfg.eval_size, labels=labels, generator=seeded(778))
     x_data2, _ = data.sample(cfg.eval_size, labels=labels, generator=seeded(779))
+    return labels, x_T, x_teacher, x_data, x_data2
+
+
+def evaluate(data, samplers, cfg):
+    """One row per (method, K), all on the same held-out pairs and the same exact teacher outputs."""
+    labels, x_T, x_teacher, x_data, x_data2 = eval_references(data, cfg)
     rows = [dict(method="data (2nd draw)", K=0, train_s=0.0, **metrics(data, x_data2, x_teacher, x_data, cfg)),
             dict(method="teacher 50-step", K=50, train_s=0.0, **metrics(data, x_teacher, x_teacher, x_data, cfg))]
     samples = {}

@@ -20,10 +20,9 @@ import time
 
 import torch
 
-from toy.bench import BenchConfig, cached_student_init, metrics, seeded
+from toy.bench import BenchConfig, cached_student_init, eval_references, metrics, seeded
 from toy.diffusion import GaussianMixture
 from toy.dmdr import ToyDMDRConfig, generate, train_dmdr
-from toy.redif import teacher_pairs
 
 VARIANTS = [  # (fake score, the outputs it learns from, ToyDMDRConfig overrides)
     ("learned", "step", {}), ("gaussian oracle", "step", dict(fake="gaussian")),
@@ -39,9 +38,7 @@ def run(ks, seeds, out, cfg=BenchConfig(), log=print):
     os.makedirs(out, exist_ok=True)
     data = GaussianMixture()
     init, _ = cached_student_init(data, cfg, out)
-    labels, x_T, x_teacher = teacher_pairs(data, cfg.eval_size, 777)
-    x_data, _ = data.sample(cfg.eval_size, labels=labels, generator=seeded(778))
-    x_data2, _ = data.sample(cfg.eval_size, labels=labels, generator=seeded(779))
+    labels, x_T, x_teacher, x_data, x_data2 = eval_references(data, cfg)
     evaluate = lambda x: {k: v for k, v in metrics(data, x, x_teacher, x_data, cfg).items() if k in KEYS}
     rows = [dict(K=0, fake="data (2nd draw)", samples="", **{k: [v] for k, v in evaluate(x_data2).items()})]
     for K in ks:
