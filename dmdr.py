@@ -965,11 +965,16 @@ def count_evaluations(counts, module, kind):
     return module.register_forward_hook(hook)
 
 
-def floor_seconds(m, counts):
-    """Evaluations x H100 SD1.5 cost, scaled by latent area (latent/64)^2 and UNet size; no reward model."""
+def floor_seconds(m, counts, checkpointing=False):
+    """Evaluations x H100 SD1.5 cost, scaled by latent area (latent/64)^2 and UNet size; no reward model. Gradient
+    checkpointing reruns each forward with grad in the backward: one forward more."""
     params = sum(p.numel() for n, p in m.unet.named_parameters() if "lora_" not in n)
     scale = (m.unet.config.sample_size / 64) ** 2 * params / SD15_UNET_PARAMS
-    ms = {k: H100_SD15_MS[("vae " if k.startswith("vae") else "unet ") + k.split()[-1]] * scale
+
+    def cost(model, grad):
+        extra = H100_SD15_MS[f"{model} fwd"] if checkpointing and grad != "fwd" else 0.0
+        return H100_SD15_MS[f"{model} {grad}"] + extra
+    ms = {k: cost("vae" if k.startswith("vae") else "unet", k.split()[-1]) * scale
           for k in counts if not k.startswith("reward")}
     return sum(counts[k] * v for k, v in ms.items()) / 1000, ms
 
@@ -1002,7 +1007,7 @@ def profile(m, cfg, opt_g, opt_f, step, train_prompts, metrics_path):
     for h in hooks:
         h.remove()
     sec["sec_other"] = wall - sum(sec.values())
-    floor, ms = floor_seconds(m, counts)
+    floor, ms = floor_seconds(m, counts, cfg.gradient_checkpointing)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     print(f"\n## dmdr --profile {cfg.profile} (after {warm} warm-up iterations; no evaluation or checkpoint)\n\n"
           "| phase | seconds | share |\n|---|---:|---:|")

@@ -958,10 +958,11 @@ def profile(models, rm, cache, step, log, run_iteration):
     sec = {k: sum(r.get(f"sec_{k}", 0.0) for r in records) for k in ("teacher", "rollout", "reward", "update")}
     sec["other"] = wall - sum(sec.values())
     # H100 SD1.5 costs scaled by latent area (SD1.5: 64 x 64) and by UNet size (LoRA left out; the VAE is scaled
-    # alike, as a proxy)
+    # alike, as a proxy). Gradient checkpointing reruns each trained forward in the backward: one forward more.
     params = sum(p.numel() for n, p in models.student.named_parameters() if "lora_" not in n)
+    train = H100_SEC_TRAIN + (H100_SEC_FORWARD if cfg.gradient_checkpointing else 0.0)
     floor = (models.latent_size / 64) ** 2 * params / SD15_UNET_PARAMS * (counts["unet_forward"] * H100_SEC_FORWARD
-            + counts["unet_forward_backward"] * H100_SEC_TRAIN + counts["vae_decode"] * H100_SEC_DECODE)
+            + counts["unet_forward_backward"] * train + counts["vae_decode"] * H100_SEC_DECODE)
     record = dict(iter=step + 1, phase="profile", iters=cfg.profile, wall_s=wall, floor_s=floor,
                   wall_over_floor=wall / floor, **{f"sec_{k}": v for k, v in sec.items()}, **counts,
                   teacher_computed=cache.misses - misses, teacher_cache_hits=cache.hits - hits,

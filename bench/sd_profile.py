@@ -140,21 +140,25 @@ def image_counts(script, row):
     if script == "redif.py":
         return {"forward": row["unet_forward"], "train": row["unet_forward_backward"], "train lora": 0,
                 "vae decode": row["vae_decode"]}
-    counts = {"forward": 0, "train": 0, "train lora": 0, "vae decode": 0}
+    counts = {"forward": 0, "train": 0, "train lora": 0, "vae decode": 0, "vae decode with grad": 0}
     for key, n in row["evals"].items():
         kind, grad = key.rsplit(" ", 1)
         if kind == "vae decode":  # a decode with grad (ReFL) counts as 3 decodes, as dmdr.py's floor
             counts["vae decode"] += n * (3 if grad == "fwd+bwd" else 1)
+            counts["vae decode with grad"] += n * (grad == "fwd+bwd")
         elif not kind.startswith("reward"):
             counts["forward" if grad == "fwd" else "train lora" if kind == "fake score" else "train"] += n
     return counts
 
 
-def floor_here(counts, costs, trains):
-    """Seconds at this machine's measured eager per-image costs (bench/unet_rate.py)."""
+def floor_here(counts, costs, trains, checkpointing=False):
+    """Seconds at this machine's measured eager per-image costs (bench/unet_rate.py). Gradient checkpointing
+    reruns each trained forward in the backward (the VAE's too: dmdr's ReFL decode), as the scripts' floors count."""
     train = costs["train lora" if trains == "lora" else "train full"]
+    trained, decodes_with_grad = counts["train"] + counts["train lora"], counts.get("vae decode with grad", 0)
     return (counts["forward"] * costs["forward"] + counts["train"] * train
-            + counts["train lora"] * costs["train lora"] + counts["vae decode"] * costs["vae decode"])
+            + counts["train lora"] * costs["train lora"] + counts["vae decode"] * costs["vae decode"]
+            + checkpointing * (trained * costs["forward"] + decodes_with_grad * costs["vae decode"]))
 
 
 def table(results, costs):
@@ -169,7 +173,7 @@ def table(results, costs):
             lines.append(f"| {r['case']} | {r['status']} ({r['seconds']:.0f} s) |" + " |" * 7 + f" {evals} |")
             continue
         row, n = r["row"], r["row"]["iters"]
-        here = floor_here(r["counts"], costs, r["trains"]) / n if costs else None
+        here = floor_here(r["counts"], costs, r["trains"], r.get("checkpointing", False)) / n if costs else None
         phases = ", ".join([f"{k[4:]} {v / n:.2f}" for k, v in row.items() if k.startswith("sec_")]
                            + [f"{k} {v:.3g}" for k, v in r.get("checks", {}).items()])
         wall = row["wall_s"] / n
@@ -261,7 +265,7 @@ def run_case(case, args, out, log, deadline):
     rows = read_metrics(run_dir)
     profile = [r for r in rows if r.get("phase") == "profile"]
     result = dict(case=case, status="ok" if code == 0 and profile else f"failed ({code})", seconds=seconds,
-                  trains=CASES[case][2])
+                  trains=CASES[case][2], checkpointing="--gradient-checkpointing" in CASES[case][1])
     if profile:
         result.update(row=profile[-1], counts=image_counts(script, profile[-1]), checks=first_ratio_checks(rows))
     return result

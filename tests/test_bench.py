@@ -17,7 +17,7 @@ H100_COSTS = {"forward": redif.H100_SEC_FORWARD, "train full": redif.H100_SEC_TR
               "train lora": redif.H100_SEC_TRAIN, "vae decode": redif.H100_SEC_DECODE}
 
 
-@pytest.mark.parametrize("case", ["redif-lora", "dmdr-lora", "dmdr-full"])
+@pytest.mark.parametrize("case", ["redif-lora", "dmdr-lora", "dmdr-full", "redif-lora-gc", "dmdr-lora-gc"])
 def test_bench_floor_is_the_scripts_floor(case, tmp_path):
     script, args = sd_profile.case_command(case, "tiny", tmp_path / case)
     {"redif.py": redif, "dmdr.py": dmdr}[script].main(args)
@@ -31,9 +31,15 @@ def test_bench_floor_is_the_scripts_floor(case, tmp_path):
                                                "unet fwd+bwd": 1000 * H100_COSTS["train full"],
                                                "vae fwd": 1000 * H100_COSTS["vae decode"],
                                                "vae fwd+bwd": 3000 * H100_COSTS["vae decode"]})
-    floor = sd_profile.floor_here(counts, H100_COSTS, sd_profile.CASES[case][2])
+    trains, checkpointing = sd_profile.CASES[case][2], "--gradient-checkpointing" in sd_profile.CASES[case][1]
+    floor = sd_profile.floor_here(counts, H100_COSTS, trains, checkpointing)
     assert row["floor_s"] == pytest.approx(scale * floor, rel=1e-9)
-    result = dict(case=case, status="ok", seconds=1.0, trains=sd_profile.CASES[case][2], row=row, counts=counts)
+    if checkpointing:  # the backward's rerun forwards: one UNet forward per trained image, one decode per ReFL decode
+        extra = (counts["train"] + counts["train lora"]) * H100_COSTS["forward"]
+        extra += counts.get("vae decode with grad", 0) * H100_COSTS["vae decode"]
+        assert extra > 0 and floor == pytest.approx(sd_profile.floor_here(counts, H100_COSTS, trains) + extra)
+    result = dict(case=case, status="ok", seconds=1.0, trains=trains, row=row, counts=counts,
+                  checkpointing=checkpointing)
     line = sd_profile.table([result], {k: v * scale for k, v in H100_COSTS.items()}).splitlines()[-1]
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[0] == case and cells[5] == f"{row['floor_s'] / row['iters']:.2f}"  # the floor here = the script's
