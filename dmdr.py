@@ -8,7 +8,7 @@ Equation tags refer to docs/METHOD.md sections 5-6.
     python dmdr.py --teacher sd15 --steps 4                       # DMD + ReFL (RL from step 20k), CUDA
     python dmdr.py --teacher sd15 --steps 1 --rl none             # distillation only
     python dmdr.py --teacher tiny --iters 20 --rl grpo --rl-start 0 --device cpu   # offline smoke run
-    python dmdr.py --teacher sd15 --steps 4 --out runs/dmdr --resume              # continue a run exactly
+    python dmdr.py --out runs/dmdr --resume         # continue a run exactly, with the settings of its config.json
     python dmdr.py --teacher sd15-random --rl-start 0 --profile 5 --out runs/prof # speed and memory table
 
 The generator is saved as a complete diffusers pipeline (LCMScheduler set to the generator's grid):
@@ -16,11 +16,11 @@ The generator is saved as a complete diffusers pipeline (LCMScheduler set to the
     pipe = StableDiffusionPipeline.from_pretrained("runs/dmdr/generator")
     image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale=0).images[0]  # t = 999,749,499,249
 
-Outputs in --out: config.json, metrics.jsonl (per iteration: dmd_loss, grad_norm = RMS of the DMD gradient g,
-fake_loss, rl_loss (GRPO's is 0 on-policy, its gradient is not), reward, dynadg_scale, dynars_mean,
+Outputs in --out: config.json, prompts.txt, metrics.jsonl (per iteration: dmd_loss, grad_norm = RMS of the DMD
+gradient g, fake_loss, rl_loss (GRPO's is 0 on-policy, its gradient is not), reward, dynadg_scale, dynars_mean,
 sec_generator/sec_fake/sec_rl, and eval_* every --eval-every), samples_NNNNNN.png (held-out prompts: generator
-row above teacher row), checkpoint.pt (atomic; --resume continues exactly; Ctrl-C finishes the iteration and
-checkpoints), generator/ (diffusers pipeline).
+row above teacher row), checkpoint.pt (atomic; --resume continues exactly; Ctrl-C or SIGTERM finishes the
+iteration and checkpoints), generator/ (diffusers pipeline).
 
 Precision (--precision, default bf16 on CUDA): the frozen parts are bf16 under a bf16 autocast, the trainable
 parts (LoRAs, a full generator) and AdamW fp32; this path is tested on CPU, the CUDA kernels were not run in
@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -51,7 +52,7 @@ import threading
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -108,11 +109,12 @@ class Config:
     fake_lora_rank: int = flag(32, "fake-score LoRA rank on attention q/v (DMDR: 32)")
     fake_lora_scale: float = flag(2.0, "fake-score LoRA scale alpha/rank (DMDR: 2.0)")
     real_guidance: float = flag(1.75, "CFG of the real score (DMD2 on SD1.5: 1.75; higher for aesthetics)")
-    dynadg: bool = flag(True, "turn off DynaDG (E10: the fake LoRA inside the real score at a decaying scale)")
+    dynadg: bool = flag(True, "DynaDG (E10: the fake LoRA inside the real score at a decaying scale); "
+                        "--no-dynadg: off")
     dynadg_lambda0: float = flag(0.75, "DynaDG start scale lambda_0 of the fake LoRA inside the real score, in "
                                  "--fake-lora-scale's units (E10; official demo: 0.75 against the fake's 2.0)")
     dynadg_steps: int = flag(10000, "DynaDG horizon S in generator steps (E10)")
-    dynars: bool = flag(True, "turn off DynaRS (E11: Beta-scheduled renoise times); then uniform in [20, 980]")
+    dynars: bool = flag(True, "DynaRS (E11: Beta-scheduled renoise times); --no-dynars: uniform in [20, 980]")
     dynars_a0: float = flag(4.0, "DynaRS Beta a at step 0 (E11)")
     dynars_b0: float = flag(1.5, "DynaRS Beta b at step 0 (E11)")
     dynars_steps: int = flag(10000, "DynaRS horizon S in generator steps (E11)")
@@ -151,25 +153,38 @@ class Config:
     precision: str = flag("auto", "auto: bf16 on CUDA, fp32 on CPU; bf16: frozen weights bf16 under bf16 autocast, "
                           "trainable weights and optimisers fp32 (also runs on CPU, slowly); fp32: all float32",
                           choices=["auto", "bf16", "fp32"])
-    resume: bool = flag(False, "continue exactly from <out>/checkpoint.pt")
+    resume: bool = flag(False, "continue the run in --out exactly, from its checkpoint.pt; settings not given "
+                          "come from its config.json")
     seed: int = flag(0, "seed of all sampling")
     profile: int = flag(0, "time N training iterations after warm-up (1, 3 with --compile), print (and append to "
                         "metrics.jsonl) seconds per phase, evaluations, floor, peak memory; then exit (no saving)")
 
 
-def parse_args(argv=None):
+def build_parser(defaults=True):
+    """Every Config field a flag; a switch has its --no- form too (so a --resume can turn it off). Without
+    defaults, parsing yields only the flags given on the command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in fields(Config):
         name, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.default is not None and f.type not in (bool, "bool"):  # a None default's help says what None means
-            help += " (default: %(default)s)"
-        if f.type in (bool, "bool"):  # True by default -> a --no-... switch (absent: the dataclass default)
-            parser.add_argument(name.replace("--", "--no-") if f.default else name, dest=f.name, help=help,
-                                action="store_false" if f.default else "store_true", default=argparse.SUPPRESS)
+        default = f.default if defaults else argparse.SUPPRESS
+        if f.type in (bool, "bool"):
+            action = "store_true" if f.name == "resume" else argparse.BooleanOptionalAction
+            parser.add_argument(name, action=action, default=default, help=help)
         else:
+            if f.default is not None:  # a None default's help says what None means
+                help += " (default: %(default)s)"
             kind = {"int": int, "float": float, "str": str}.get(str(f.type), f.type)
-            parser.add_argument(name, type=kind, default=f.default, help=help, choices=f.metadata.get("choices"))
-    return Config(**vars(parser.parse_args(argv)))
+            parser.add_argument(name, type=kind, default=default, help=help, choices=f.metadata.get("choices"))
+    return parser
+
+
+def parse_args(argv=None):
+    return Config(**vars(build_parser().parse_args(argv)))
+
+
+def given_flags(argv=None):
+    """The names of the settings given on the command line (a --resume takes the others from config.json)."""
+    return set(vars(build_parser(defaults=False).parse_args(argv)))
 
 
 def fail(message, fix):
@@ -209,43 +224,87 @@ def validate(cfg):
     if cfg.rl == "grpo" and cfg.grpo_eta <= 0:
         fail(f"--grpo-eta {cfg.grpo_eta}: an eta-0 step has no log-probability, so GRPO would not move",
              "use --grpo-eta 1.0")
-    for name in ("iters", "batch_size", "eval_every", "save_every", "eval_teacher_steps", "dynadg_steps",
-                 "dynars_steps"):
-        if getattr(cfg, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be positive", "pass a positive integer")
-    if cfg.fake_updates < 0 or cfg.num_eval_prompts < 2:
-        fail("--fake-updates must be >= 0 and --num-eval-prompts >= 2 (the Frechet distance needs a covariance)",
-             "e.g. --fake-updates 5 --num-eval-prompts 4")
-    if cfg.profile < 0:
-        fail(f"--profile {cfg.profile}", "pass the number of iterations to time, or 0 for a normal run")
+    positive = ("iters", "batch_size", "eval_every", "save_every", "eval_teacher_steps", "dynadg_steps",
+                "dynars_steps", "generator_lora_rank", "fake_lora_rank", "fake_lora_scale", "dynars_a0", "dynars_b0",
+                "dpo_beta", "grpo_clip", "max_grad_norm")  # max_grad_norm <= 0 would reverse or zero the step
+    non_negative = ("lr", "fake_lr", "fake_updates", "rl_weight", "rl_start", "dynadg_lambda0", "profile")
+    for f in fields(Config):
+        name, value = "--" + f.name.replace("_", "-"), getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"{name} {value} is not a finite number", "pass a finite value")
+        if value is not None and (f.name in positive and value <= 0 or f.name in non_negative and value < 0):
+            kind = "positive" if f.name in positive else "non-negative"
+            fail(f"{name} {value} must be {kind}", f"pass a {kind} number")
+    if not 0 <= cfg.seed < 2 ** 32:
+        fail(f"--seed {cfg.seed} is out of range", "pass a seed in [0, 2**32)")
+    if len(trailing_timesteps(cfg.eval_teacher_steps)) != cfg.eval_teacher_steps or cfg.eval_teacher_steps > 1000:
+        fail(f"--eval-teacher-steps {cfg.eval_teacher_steps}: its trailing grid does not have that many timesteps "
+             "(diffusers' float arange gives one more for some counts)", "use --eval-teacher-steps 25")
+    if cfg.num_eval_prompts < 2:
+        fail("--num-eval-prompts must be >= 2 (the Frechet distance needs a covariance)", "e.g. --num-eval-prompts 4")
     parse_reward(cfg.reward)
     if cfg.prompts is None:
         prompts = list(DEFAULT_PROMPTS)
     elif not os.path.isfile(cfg.prompts):
         fail(f"prompt file '{cfg.prompts}' not found", "pass an existing text file, one prompt a line")
     else:
-        prompts = [ln.strip() for ln in Path(cfg.prompts).read_text().splitlines() if ln.strip()]
+        try:
+            prompts = [ln.strip() for ln in Path(cfg.prompts).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except UnicodeDecodeError:
+            fail(f"prompt file '{cfg.prompts}' is not UTF-8 text", "save it as UTF-8, one prompt a line")
     if not prompts:
         fail(f"prompt file '{cfg.prompts}' is empty", "write one prompt a line, or leave out --prompts")
     if len(prompts) <= cfg.num_eval_prompts:
         fail(f"{len(prompts)} prompts but {cfg.num_eval_prompts} are held out for evaluation",
              "give more prompts or lower --num-eval-prompts")
-    out = Path(cfg.out)
-    if cfg.resume and not (out / "checkpoint.pt").exists():
-        fail(f"--resume but {out / 'checkpoint.pt'} does not exist", "run without --resume, or point --out at the run")
-    if not cfg.resume and ((out / "checkpoint.pt").exists() or (out / "metrics.jsonl").exists()):
-        fail(f"{out} already holds a run", "pass --resume to continue it, or choose another --out")
-    if cfg.resume:
-        saved = json.loads((out / "config.json").read_text())
-        free = {"iters", "resume", "device", "eval_every", "save_every", "profile", "compile", "gradient_checkpointing",
-                "lr", "fake_lr", "max_grad_norm"}  # a resume may lower the lrs (the fix of a non-finite loss)
-        changed = [k for k, v in asdict(cfg).items() if k not in free and saved.get(k, v) != v]
-        if changed:
-            fail(f"--resume with different settings: {', '.join(changed)}", "resume with the values in config.json")
-        for k in sorted(free - {"resume"}):
-            if k in saved and saved[k] != getattr(cfg, k):
-                print(f"resume: {k} {saved[k]} -> {getattr(cfg, k)}")
     return prompts[:-cfg.num_eval_prompts], prompts[-cfg.num_eval_prompts:]
+
+
+def check_out_dir(cfg, out):
+    """Never overwrite a run: a checkpoint or a generator marks one. A folder whose run stopped before its first
+    checkpoint (a crash in iteration 1, a --profile) holds nothing to resume: a fresh run starts over in it."""
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file", "pass a folder (it is created if missing)")
+    if cfg.resume and not (out / "checkpoint.pt").is_file():
+        fail(f"--resume but {out} holds no checkpoint.pt", "run without --resume to start afresh there, or point "
+             "--out at the run")
+    if not cfg.resume and ((out / "checkpoint.pt").exists() or (out / "generator").exists()):
+        fail(f"{out} already holds a run", "pass --resume to continue it, or choose another --out")
+    if not cfg.resume and (out / "metrics.jsonl").exists():
+        print(f"note: {out} holds no checkpoint (its run stopped before the first): starting afresh there")
+
+
+# settings a resumed run may change: they leave what was already trained alone (the lrs: the fix of a non-finite
+# loss); prompts: the file may move, its prompts are compared with the run's prompts.txt
+RESUME_FREE = {"iters", "eval_every", "save_every", "compile", "gradient_checkpointing", "lr", "fake_lr",
+               "max_grad_norm", "prompts"}
+THIS_PROCESS = {"out", "device", "profile", "resume"}  # where and how this process runs: never from config.json
+
+
+def resume_config(cfg, given, out):
+    """--resume: the run's config.json, overridden by the settings given on this command line. Changing one
+    outside RESUME_FREE would not continue the same run."""
+    try:
+        saved = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        fail(f"{out / 'config.json'} is missing or unreadable", "point --out at a dmdr.py run folder")
+    names = {f.name for f in fields(Config)}
+    cfg = replace(cfg, **{k: v for k, v in saved.items() if k in names - given - THIS_PROCESS})
+    changed = sorted(k for k in given - THIS_PROCESS if k in saved and saved[k] != getattr(cfg, k))
+    if refused := [k for k in changed if k not in RESUME_FREE]:
+        fail(f"--resume with different settings: {', '.join(refused)}",
+             "leave them out to keep the run's (config.json), or start a new --out")
+    for k in changed:
+        print(f"resume: {k} {saved[k]} -> {getattr(cfg, k)}")
+    return cfg
+
+
+def check_same_prompts(out, prompts):
+    """A run trains and evaluates on the prompts it started with (its prompts.txt), not on an edited file."""
+    path = out / "prompts.txt"
+    if path.exists() and path.read_text(encoding="utf-8").splitlines() != list(prompts):
+        fail(f"the prompts differ from those the run started with ({path})",
+             f"resume with --prompts {path}, or start a new --out")
 
 
 def parse_reward(spec):
@@ -377,6 +436,9 @@ def run_summary(cfg, device):
     if device.type == "cpu" and cfg.teacher != "tiny":
         line += (f"\nwarning: no GPU in use; a teacher of Stable Diffusion's size ({cfg.teacher}) takes hours per "
                  "iteration on a CPU (--device cuda stops with an error when CUDA is missing)")
+    if cfg.rl != "none" and cfg.rl_start >= cfg.iters:
+        line += (f"\nwarning: --rl-start {cfg.rl_start} >= --iters {cfg.iters}: RL ({cfg.rl}) never starts, this run "
+                 "is DMD alone (lower --rl-start for RL now, or --resume with more --iters later)")
     return line
 
 
@@ -560,8 +622,8 @@ def sample_renoise_timesteps(batch_size, step, a0=4.0, b0=1.5, total_steps=10000
 
 def grpo_advantages(rewards, eps=1e-4):
     """E4: rewards (num_groups, G) -> (R - mean_g) / (std_g + eps), population std; equal groups -> exactly 0."""
-    if not torch.isfinite(rewards).all():
-        raise ValueError(f"non-finite rewards in GRPO: {rewards.tolist()}")
+    if not torch.isfinite(rewards).all():  # NonFinite: main() stops with one line naming the checkpoint
+        raise NonFinite(f"non-finite rewards in GRPO: {rewards.tolist()}")
     mean = rewards.mean(dim=1, keepdim=True)
     std = rewards.std(dim=1, unbiased=False, keepdim=True)
     adv = (rewards - mean) / (std + eps)
@@ -847,8 +909,8 @@ def latent_shape(m):
 # ---------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------
-class NonFinite(Exception):
-    pass
+class NonFinite(ValueError):
+    """A NaN/inf score, loss, reward or gradient: main() stops with one line naming the checkpoint to resume."""
 
 
 def check_finite(name, value, it):
@@ -1108,7 +1170,15 @@ def save_checkpoint(path, m, opt_g, opt_f, step):
 
 
 def load_checkpoint(path, m, opt_g, opt_f):
-    state = torch.load(path, map_location=m.device, weights_only=False)
+    try:
+        state = torch.load(path, map_location=m.device, weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # truncated, empty, a folder
+        fail(f"{path} is unreadable ({type(e).__name__})", "restore it from a copy, or start a new --out")
+    if not isinstance(state, dict) or not {"step", "generator", "fake", "opt_g", "opt_f", "rng"} <= set(state):
+        fail(f"{path} is not a dmdr.py checkpoint", "point --out at a dmdr.py run")
+    ours = generator_params(m) if m.lora_generator else m.gen_unet.state_dict()
+    if set(state["generator"]) != set(ours):
+        fail(f"checkpoint {path} does not match this generator", "resume with the run's --generator and ranks")
     params = dict(m.unet.named_parameters())
     with torch.no_grad():
         for n, v in state["fake"].items():
@@ -1165,12 +1235,17 @@ def save_generator(m, cfg, folder):
 # ---------------------------------------------------------------------------------------------------
 def main(argv=None):
     cfg = parse_args(argv)
+    out = Path(cfg.out)
+    check_out_dir(cfg, out)
+    if cfg.resume:
+        cfg = resume_config(cfg, given_flags(argv), out)
     train_prompts, eval_prompts = validate(cfg)
+    if cfg.resume:
+        check_same_prompts(out, train_prompts + eval_prompts)
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    out = Path(cfg.out)
     ckpt = out / "checkpoint.pt"
     print(run_summary(cfg, device))
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
@@ -1178,6 +1253,8 @@ def main(argv=None):
     m = build_models(cfg, device)  # a teacher or reward model that fails to load leaves no run folder behind
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "config.json", json.dumps(asdict(cfg), indent=2))  # on --resume: with the changes above
+    if not cfg.resume:
+        atomic_write(out / "prompts.txt", "".join(p + "\n" for p in train_prompts + eval_prompts))
     m.uncond = encode_prompts(m, [""])  # (1, 77, D)
     opt_g = torch.optim.AdamW(list(generator_params(m).values()), lr=cfg.lr)
     opt_f = torch.optim.AdamW(lora_params(m.unet, "fake"), lr=cfg.fake_lr)
@@ -1194,13 +1271,14 @@ def main(argv=None):
     if cfg.profile:
         return profile(m, cfg, opt_g, opt_f, step, train_prompts, metrics_path)
 
-    stop = {"requested": False}  # Ctrl-C: finish the iteration, checkpoint, exit (exactly resumable)
-    def on_sigint(signum, frame):
-        if stop["requested"]:
+    stop = []  # the first signal: finish the iteration, checkpoint, exit (exactly resumable); a second aborts
+    def on_signal(signum, frame):
+        if stop:
             raise KeyboardInterrupt
-        stop["requested"] = True
-    main_thread = threading.current_thread() is threading.main_thread()
-    old_handler = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+        stop.append(signum)
+    # Ctrl-C, and SIGTERM: what timeout, SLURM's preemption and docker stop send
+    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    old_handlers = {sig: signal.signal(sig, on_signal) for sig in handled}
     cache, saved = {}, step if cfg.resume else None  # saved: the iteration of the checkpoint on disk
     try:
         bar = tqdm(range(step, cfg.iters), initial=step, total=cfg.iters, desc="dmdr", disable=None)
@@ -1213,23 +1291,25 @@ def main(argv=None):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             bar.set_postfix(dmd=f"{row['dmd_loss']:.4f}", fake=f"{row['fake_loss']:.4f}")
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.iters or stop["requested"]:
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.iters or stop:
                 save_checkpoint(ckpt, m, opt_g, opt_f, step + 1)
                 saved = step + 1
-            if stop["requested"]:
+            if stop:  # a non-zero status: no generator was written, so `dmdr.py ... && next-step` stops here
                 print(f"interrupted: checkpoint at iteration {step + 1} in {ckpt} (continue with --resume)")
-                return
+                raise SystemExit(128 + stop[0])
         save_generator(m, cfg, out / "generator")
         print(f"done: generator in {out / 'generator'}, metrics in {metrics_path}")
+        return out
     except NonFinite as e:  # mid-iteration (some updates of it made): not a state to resume from; keep the last one
         fail(str(e), f"lower --lr/--fake-lr, then --resume from {ckpt} (iteration {saved})" if saved is not None
-             else f"lower --lr/--fake-lr and start in a fresh --out (no checkpoint yet: one every --save-every)")
-    except KeyboardInterrupt:  # a second Ctrl-C: stop now, mid-iteration; the last checkpoint stays
+             else "lower --lr/--fake-lr and start afresh (no checkpoint yet: one every --save-every)")
+    except KeyboardInterrupt:  # a second signal: stop now, mid-iteration; the last checkpoint stays
         print(f"aborted in iteration {step + 1}; " + (f"{ckpt} (iteration {saved}) continues with --resume"
                                                      if saved is not None else "no checkpoint was saved"))
+        raise SystemExit(130)
     finally:
-        if main_thread:
-            signal.signal(signal.SIGINT, old_handler)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

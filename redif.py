@@ -19,8 +19,9 @@ The student lands in <out>/student as a stock diffusers pipeline (LoRA merged, n
 
 Precision (--precision, default bf16 on CUDA): frozen parts in bf16 under a bf16 autocast, trainable weights and
 AdamW fp32 (also runnable, and tested, on CPU); SDPA attention (diffusers' default processor on torch 2);
-optional --gradient-checkpointing and --compile. Ctrl-C finishes the current iteration, saves a checkpoint and exits;
---resume continues exactly (a lower --lr or another --max-grad-norm may be passed; config.json records them).
+optional --gradient-checkpointing and --compile. Ctrl-C (or SIGTERM) finishes the current iteration, saves a
+checkpoint and exits; `--out runs/redif --resume` continues exactly with the settings of its config.json (the
+flags in RESUME_FREE, a lower --lr say, may be changed; config.json records them).
 """
 import argparse
 import contextlib
@@ -32,6 +33,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -135,7 +137,8 @@ class Config:
     precision: str = flag("auto", "auto: bf16 on CUDA, fp32 on CPU; bf16: frozen weights bf16 under bf16 autocast, "
                           "trainable weights and optimiser fp32 (also runs on CPU, slowly); fp32: all float32",
                           choices=["auto", "bf16", "fp32"])
-    resume: bool = flag(False, "continue exactly from <out>/checkpoint.pt")
+    resume: bool = flag(False, "continue the run in --out exactly, from its checkpoint.pt; settings not given "
+                          "come from its config.json")
     seed: int = flag(0, "seed of everything (LoRA init, prompt and seed draws, eta-noise)")
     gradient_checkpointing: bool = flag(False, "recompute UNet activations in the backward pass (less memory)")
     compile: bool = flag(False, "torch.compile the UNets' forward (inductor) with channels_last weights; the first "
@@ -145,16 +148,29 @@ class Config:
                         "saving (0: off)")
 
 
-def parse_args(argv=None):
+def build_parser(defaults=True):
+    """Every Config field a flag; a switch also has its --no- form (so a --resume can turn it off). Without
+    defaults, parsing yields only the flags given on the command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(Config):
         shown = f.default is not None and f.type is not bool  # a None default's help says what None means
         name, kw = "--" + f.name.replace("_", "-"), dict(help=f.metadata["help"] + " (default: %(default)s)" * shown)
+        kw["default"] = f.default if defaults else argparse.SUPPRESS
         if f.type is bool:
-            parser.add_argument(name, action="store_true", **kw)
+            action = "store_true" if f.name == "resume" else argparse.BooleanOptionalAction
+            parser.add_argument(name, action=action, **kw)
         else:
-            parser.add_argument(name, type=f.type, default=f.default, choices=f.metadata.get("choices"), **kw)
-    return Config(**vars(parser.parse_args(argv)))
+            parser.add_argument(name, type=f.type, choices=f.metadata.get("choices"), **kw)
+    return parser
+
+
+def parse_args(argv=None):
+    return Config(**vars(build_parser().parse_args(argv)))
+
+
+def given_flags(argv=None):
+    """The names of the settings given on the command line (a --resume takes the others from config.json)."""
+    return set(vars(build_parser(defaults=False).parse_args(argv)))
 
 
 def fail(message, fix):
@@ -534,6 +550,8 @@ def parse_reward(spec):
             weights[name] = float(value)
         except ValueError:
             fail(f"bad --reward term '{part}'", "write name=weight, e.g. --reward clip=1,dino=0.5")
+        if not math.isfinite(weights[name]):
+            fail(f"--reward weight {part} is not finite", "write a finite weight, e.g. --reward clip=1,dino=0.5")
     if not any(weights.values()):
         fail("--reward has no non-zero weight", "e.g. --reward clip=1,dino=0.5")
     return weights
@@ -1004,7 +1022,12 @@ def save_checkpoint(path, step, models, optimizer, tracker, nan_state):
 
 
 def load_checkpoint(path, models, optimizer, tracker):
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # truncated, empty, a folder
+        fail(f"{path} is unreadable ({type(e).__name__})", "restore it from a copy, or start a new --out")
+    if not isinstance(ckpt, dict) or not {"step", "trainable", "optimizer", "rng", "nan_state"} <= set(ckpt):
+        fail(f"{path} is not a redif.py checkpoint", "point --out at a redif.py run")
     if set(trainable_state(models.student)) != set(ckpt["trainable"]):
         fail(f"checkpoint {path} does not match this student", "resume with the run's --finetune and --lora-rank")
     models.student.load_state_dict(ckpt["trainable"], strict=False)
@@ -1064,15 +1087,19 @@ def load_prompts(cfg):
         return DEFAULT_PROMPTS
     if not os.path.isfile(cfg.prompts):
         fail(f"prompt file '{cfg.prompts}' not found", "pass an existing text file, one prompt a line")
-    with open(cfg.prompts) as fh:
-        prompts = [line.strip() for line in fh if line.strip()]
+    try:
+        prompts = [line.strip() for line in Path(cfg.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        fail(f"prompt file '{cfg.prompts}' is not UTF-8 text", "save it as UTF-8, one prompt a line")
     if not prompts:
         fail(f"prompt file '{cfg.prompts}' is empty", "write one prompt a line, or leave out --prompts")
     return prompts
 
 
 def validate(cfg):
-    """Every mistake visible before loading a model -> (reward weights, prompts)."""
+    """Every mistake visible before loading a model -> (reward weights, prompts); fills in the default lr."""
+    if cfg.lr is None:  # not `or`: --lr 0 is a value
+        cfg.lr = 3e-4 if cfg.finetune == "lora" else 1e-5
     if cfg.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda but CUDA is not available", "use --device cpu or auto, or install a CUDA build of torch")
     teacher_source(cfg.teacher)
@@ -1084,10 +1111,18 @@ def validate(cfg):
     if cfg.algo == "grpo" and cfg.group < 2:
         fail(f"--group {cfg.group}: GRPO normalises within a group and needs at least 2", "use --group 4 or --algo ppo")
     positive = ("group", "prompts_per_iter", "seed_pool", "minibatches", "train_batch", "sample_batch", "inner_epochs",
-                "ckpt_every", "teacher_batch", "max_nan_skips")
-    for name in positive:
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            fail(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be positive", "pass a positive integer")
+                "ckpt_every", "teacher_batch", "max_nan_skips", "lora_rank", "resolution", "ppo_buffer",
+                "max_grad_norm", "clip_range", "adv_clip_max")  # max_grad_norm <= 0 would reverse or zero the step
+    non_negative = ("iters", "bc_iters", "eval_every", "lr", "beta")  # lr 0: resume frozen, to evaluate
+    for f in dataclasses.fields(Config):
+        name, value = "--" + f.name.replace("_", "-"), getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"{name} {value} is not a finite number", "pass a finite value")
+        if value is not None and (f.name in positive and value <= 0 or f.name in non_negative and value < 0):
+            kind = "positive" if f.name in positive else "non-negative"
+            fail(f"{name} {value} must be {kind}", f"pass a {kind} number")
+    if not 0 <= cfg.seed < 2 ** 32:
+        fail(f"--seed {cfg.seed} is out of range", "pass a seed in [0, 2**32)")
     if cfg.iters > 0 and cfg.eta <= 0:
         fail("--eta must be > 0 for RL: an eta-0 step has no log-probability", "use --eta 1.0")
     if cfg.eval_pairs < 2:
@@ -1137,25 +1172,49 @@ def unet_batch_shapes(cfg):
 
 
 def check_out_dir(cfg, out):
-    """Never overwrite a run: a fresh run needs a fresh --out, --resume a checkpoint there."""
-    if cfg.resume and not (out / "checkpoint.pt").exists():
-        fail(f"--resume but {out / 'checkpoint.pt'} does not exist", "run without --resume, or point --out at the run")
-    if not cfg.resume and ((out / "checkpoint.pt").exists() or (out / "metrics.jsonl").exists()):
+    """Never overwrite a run: a checkpoint or a student marks one. A folder whose run stopped before its first
+    checkpoint (a crash in iteration 1, a --profile) holds nothing to resume: a fresh run starts over in it."""
+    for name, path in (("--out", out), ("--teacher-cache", cfg.teacher_cache)):
+        if path is not None and Path(path).exists() and not Path(path).is_dir():
+            fail(f"{name} {path} is a file", "pass a folder (it is created if missing)")
+    if cfg.resume and not (out / "checkpoint.pt").is_file():
+        fail(f"--resume but {out} holds no checkpoint.pt", "run without --resume to start afresh there, or point "
+             "--out at the run")
+    if not cfg.resume and ((out / "checkpoint.pt").exists() or (out / "student").exists()):
         fail(f"{out} already holds a run", "pass --resume to continue it, or choose another --out")
+    if not cfg.resume and (out / "metrics.jsonl").exists():
+        print(f"note: {out} holds no checkpoint (its run stopped before the first): starting afresh there")
 
 
-# settings a resumed run may change: they leave what was already trained alone (lr: e.g. after NaN rewards)
-RESUME_FREE = {"iters", "device", "eval_every", "ckpt_every", "teacher_batch", "max_nan_skips", "profile", "compile",
-               "gradient_checkpointing", "lr", "max_grad_norm"}
+# settings a resumed run may change: they leave what was already trained alone (lr: e.g. after NaN rewards);
+# prompts: the file may move, its prompts are compared (check_same_prompts)
+RESUME_FREE = {"iters", "eval_every", "ckpt_every", "teacher_batch", "max_nan_skips", "compile",
+               "gradient_checkpointing", "lr", "max_grad_norm", "prompts"}
+THIS_PROCESS = {"out", "device", "profile", "resume"}  # where and how this process runs: never from config.json
 
 
-def check_resume_config(cfg, out):
-    """--resume keeps the run's settings but RESUME_FREE -> the changed free ones, {name: (old, new)}."""
-    saved, now = json.loads((out / "config.json").read_text()), dataclasses.asdict(cfg)
-    changed = [k for k, v in now.items() if k not in RESUME_FREE | {"resume"} and saved.get(k) != v]
-    if changed:
-        fail(f"--resume with different settings: {', '.join(changed)}", "resume with the values in config.json")
-    return {k: (saved.get(k), v) for k, v in now.items() if k in RESUME_FREE and saved.get(k) != v}
+def resume_config(cfg, given, out):
+    """--resume: the run's config.json, overridden by the settings given on this command line -> (cfg, the changed
+    ones {name: (old, new)}). Changing one outside RESUME_FREE would not continue the same run."""
+    try:
+        saved = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        fail(f"{out / 'config.json'} is missing or unreadable", "point --out at a redif.py run folder")
+    names = {f.name for f in dataclasses.fields(Config)}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k in names - given - THIS_PROCESS})
+    changed = sorted(k for k in given - THIS_PROCESS if k in saved and saved[k] != getattr(cfg, k))
+    if refused := [k for k in changed if k not in RESUME_FREE]:
+        fail(f"--resume with different settings: {', '.join(refused)}",
+             "leave them out to keep the run's (config.json), or start a new --out")
+    return cfg, {k: (saved[k], getattr(cfg, k)) for k in changed}
+
+
+def check_same_prompts(out, prompts):
+    """A run trains on the prompts it started with (its prompts.txt), not on an edited --prompts file."""
+    path = out / "prompts.txt"
+    if path.exists() and path.read_text(encoding="utf-8").splitlines() != list(prompts):
+        fail(f"the prompts differ from those the run started with ({path})",
+             f"resume with --prompts {path}, or start a new --out")
 
 
 def write_config(cfg, out):
@@ -1166,7 +1225,7 @@ def metrics_until(path, step):
     """The lines of metrics.jsonl up to a checkpoint at `step` (its eval included); a line cut short by a kill
     mid-write does not parse and is dropped."""
     keep = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text().splitlines() if path.exists() else []:
         try:
             r = json.loads(line)
         except json.JSONDecodeError:
@@ -1241,11 +1300,14 @@ def train_iteration(models, rm, weights, cache, optimizer, tracker, prompts, ste
 
 def main(argv=None):
     cfg = parse_args(argv)
-    weights, prompts = validate(cfg)
-    if cfg.lr is None:  # not `or`: --lr 0 is a value
-        cfg.lr = 3e-4 if cfg.finetune == "lora" else 1e-5
-    out, device = Path(cfg.out), pick_device(cfg)
+    out, changed = Path(cfg.out), {}
     check_out_dir(cfg, out)
+    if cfg.resume:
+        cfg, changed = resume_config(cfg, given_flags(argv), out)
+    weights, prompts = validate(cfg)
+    if cfg.resume:
+        check_same_prompts(out, prompts)
+    device = pick_device(cfg)
     print(run_summary(cfg, device))
     pipe = load_pipeline(cfg)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -1253,20 +1315,20 @@ def main(argv=None):
     cfg.resolution = cfg.resolution or pipe.unet.config.sample_size * vae_scale
     if cfg.resolution % unit:
         fail(f"--resolution {cfg.resolution} is not a multiple of {unit}", f"use a multiple of {unit}")
-    changed = check_resume_config(cfg, out) if cfg.resume else None
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
     models = setup_models(cfg, pipe, device)
     rm = load_reward_models(cfg, weights, device)  # a reward model that fails to load leaves no run folder behind
     if not cfg.resume:
         out.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out)
+        atomic_write(out / "prompts.txt", "".join(p + "\n" for p in prompts))
     cache = TeacherCache(cfg.teacher_cache or out / "teacher_cache", models)
     optimizer = build_optimizer(models)
     tracker = PerPromptStatTracker(cfg.ppo_buffer, cfg.ppo_min_count) if cfg.algo == "ppo" else None
     step, nan_state, total = 0, dict(skips=0, streak=0), cfg.bc_iters + cfg.iters
     if cfg.resume:
         step, nan_state = resume_run(out, changed, models, optimizer, tracker)
-    metrics_file, stop = open(out / "metrics.jsonl", "a"), []
+    metrics_file, stop = open(out / "metrics.jsonl", "a" if cfg.resume else "w"), []
 
     def log(record):  # NaN/inf -> null, so every line is valid JSON
         record = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()}
@@ -1277,14 +1339,17 @@ def main(argv=None):
         log(dict(iter=count, phase="eval",
                  **evaluate(models, rm, weights, cache, prompts, out / f"samples_{count:06d}.png")))
 
-    def on_sigint(signum, frame):  # first Ctrl-C: finish the iteration, checkpoint, exit; a second one aborts
+    def on_signal(signum, frame):  # the first: finish the iteration, checkpoint, exit; a second one aborts
         if stop:
             raise KeyboardInterrupt
-        stop.append(True)
-        print("\nCtrl-C: finishing this iteration, then saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+        stop.append(signum)
+        print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint (Ctrl-C again "
+              "to abort)", file=sys.stderr)
 
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    old_handler = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
+    # Ctrl-C, and SIGTERM: what timeout, SLURM's preemption and docker stop send
+    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    old_handlers = {sig: signal.signal(sig, on_signal) for sig in handled}
+    saved = step if cfg.resume else None  # the iteration count of the checkpoint on disk
     try:
         if cfg.profile:  # from where the run is; no checkpoint, no student (a later --resume drops its lines)
             return profile(models, rm, cache, step, log, lambda s: train_iteration(
@@ -1301,21 +1366,25 @@ def main(argv=None):
                 evaluate_and_log(count)
             if stop or count % cfg.ckpt_every == 0 or count == total or nan_state["streak"] >= cfg.max_nan_skips:
                 save_checkpoint(out / "checkpoint.pt", count, models, optimizer, tracker, nan_state)
+                saved = count
             if nan_state["streak"] >= cfg.max_nan_skips:
                 fail(f"rewards or gradients were NaN/inf in {nan_state['streak']} iterations in a row (updates "
                      "skipped, checkpoint saved)",
                      "check the reward models and --reward weights, lower --lr, then --resume")
-            if stop:
+            if stop:  # a non-zero status: no student was written, so `redif.py ... && next-step` stops here
                 print(f"saved {out / 'checkpoint.pt'} at iteration {count}; continue with --resume", file=sys.stderr)
-                return None
+                raise SystemExit(128 + stop[0])
         save_student(models, out / "student")
         print(f"student saved to {out / 'student'}: {cfg.steps} steps, guidance {cfg.student_guidance}, eta 0")
         return out
+    except KeyboardInterrupt:  # a second signal: stop mid-iteration; the checkpoint on disk stays as it was
+        print("aborted mid-iteration; " + (f"{out / 'checkpoint.pt'} (iteration {saved}) continues with --resume"
+                                           if saved is not None else "no checkpoint was saved"), file=sys.stderr)
+        raise SystemExit(130)
     finally:
         metrics_file.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
-
+        for signum, handler in old_handlers.items():
+            signal.signal(signum, handler)
 
 if __name__ == "__main__":
     main()

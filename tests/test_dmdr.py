@@ -146,11 +146,14 @@ def test_ctrl_c_checkpoints_and_resume_is_exact(runs, prompt_file, tmp_path, mon
             os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during iteration 1
         return real(m, cfg, opt_f, step, prompts)
     monkeypatch.setattr(dmdr, "fake_updates", interrupted)
-    dmdr.main(tiny_args(prompt_file, tmp_path, "none", 5))
+    with pytest.raises(SystemExit) as stopped:
+        dmdr.main(tiny_args(prompt_file, tmp_path, "none", 5))
+    assert stopped.value.code == 130  # 128 + SIGINT: no generator was written, a `&&` chain stops
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 1
     assert [r["iter"] for r in read_metrics(tmp_path)] == [1] and not (tmp_path / "generator").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
-    dmdr.main(tiny_args(prompt_file, tmp_path, "none", 2, "--resume"))
+    assert all(signal.getsignal(s) is h for s, h in ((signal.SIGINT, signal.default_int_handler),
+                                                    (signal.SIGTERM, signal.SIG_DFL)))  # handlers restored
+    dmdr.main(["--out", str(tmp_path), "--resume", "--iters", "2"])  # the other settings from config.json
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("sec_")} for r in rows]  # noqa: E731
     assert strip(read_metrics(tmp_path)) == strip(read_metrics(runs["none"]))
     assert (tmp_path / "generator" / "model_index.json").exists()
@@ -204,9 +207,34 @@ def test_nan_loss_is_one_line_error_keeps_the_last_checkpoint_and_resumes_with_a
 
 def test_nan_loss_before_any_checkpoint_says_so(prompt_file, tmp_path, monkeypatch):
     monkeypatch.setattr(dmdr, "fake_score_loss", lambda *a: torch.tensor(float("nan"), requires_grad=True))
-    with pytest.raises(SystemExit, match=r"iteration 1 \(fix: lower --lr/--fake-lr and start in a fresh --out"):
+    with pytest.raises(SystemExit, match=r"iteration 1 \(fix: lower --lr/--fake-lr and start afresh"):
         dmdr.main(tiny_args(prompt_file, tmp_path, "none", 3))
     assert not (tmp_path / "checkpoint.pt").exists()
+    with pytest.raises(SystemExit, match="holds no checkpoint.pt .fix: run without --resume"):
+        dmdr.main(tiny_args(prompt_file, tmp_path, "none", 3, "--resume"))
+    monkeypatch.undo()  # the folder holds no run to lose: a fresh run starts over in it
+    dmdr.main(tiny_args(prompt_file, tmp_path, "none", 1, "--eval-every", "1000"))
+    assert [r["iter"] for r in read_metrics(tmp_path)] == [1] and (tmp_path / "generator").is_dir()
+
+
+def test_nan_grpo_rewards_stop_in_one_line(prompt_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(dmdr, "reward_fn", lambda m, cfg, images, prompts: torch.full((len(images),), float("nan")))
+    with pytest.raises(SystemExit) as e:
+        dmdr.main(tiny_args(prompt_file, tmp_path, "grpo", 1, "--steps", "2"))
+    msg = str(e.value)
+    assert msg.startswith("error: non-finite rewards in GRPO") and "(fix: lower --lr" in msg and "\n" not in msg
+
+
+def test_a_checkpoint_of_the_other_generator_kind_is_refused(runs, prompt_file, tmp_path):
+    cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "refl", 1, "--generator", "full"))
+    m = dmdr.build_models(cfg, torch.device("cpu"))
+    opt_g, opt_f = (torch.optim.AdamW(p) for p in (list(dmdr.generator_params(m).values()),
+                                                   dmdr.lora_params(m.unet, "fake")))
+    with pytest.raises(SystemExit, match="does not match this generator"):
+        dmdr.load_checkpoint(runs["none"] / "checkpoint.pt", m, opt_g, opt_f)  # a LoRA generator's
+    (tmp_path / "c.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="c.pt is unreadable .EOFError"):
+        dmdr.load_checkpoint(tmp_path / "c.pt", m, opt_g, opt_f)
 
 
 def test_run_summary_names_device_and_precision_and_warns_of_a_cpu_run_at_sd_scale():
@@ -220,6 +248,9 @@ def test_run_summary_names_device_and_precision_and_warns_of_a_cpu_run_at_sd_sca
     assert summary("cpu", "--teacher", "tiny", "--rl", "dpo")[0].startswith("dmdr: teacher tiny on cpu (float32),")
     assert len(summary("cpu", "--teacher", "tiny")) == 1
     assert summary("cpu")[1].startswith("warning: no GPU in use") and len(summary("cpu", "--teacher", "x/y")) == 2
+    # the official demo's RL start (20k) in a shorter run: no RL at all, said up front
+    assert summary("cuda", "--iters", "20000")[1].startswith("warning: --rl-start 20000 >= --iters 20000: RL (refl)")
+    assert len(summary("cuda", "--iters", "20001")) == len(summary("cuda", "--iters", "100", "--rl", "none")) == 1
 
 
 @pytest.mark.parametrize("args, message", [
@@ -232,7 +263,17 @@ def test_run_summary_names_device_and_precision_and_warns_of_a_cpu_run_at_sd_sca
     (["--reward", "pickscore=1"], "unknown reward 'pickscore'"),
     (["--resume"], "--resume but"),
     (["--teacher", "BROKEN"], "could not load teacher"),  # passes the checks, fails in from_pretrained
-    (["--dynars-steps", "0"], "--dynars-steps must be positive"),  # the schedules divide by their horizon
+    (["--dynars-steps", "0"], "--dynars-steps 0 must be positive"),  # the schedules divide by their horizon
+    (["--max-grad-norm", "-1"], "--max-grad-norm -1.0 must be positive"),  # torch would reverse the gradient
+    (["--generator", "lora", "--generator-lora-rank", "0"], "--generator-lora-rank 0 must be positive"),
+    (["--dynars-a0", "-1"], "--dynars-a0 -1.0 must be positive"),  # not a Beta distribution
+    (["--fake-lr", "-1"], "--fake-lr -1.0 must be non-negative"),
+    (["--rl", "refl", "--rl-weight", "nan"], "--rl-weight nan is not a finite number"),
+    (["--seed", "-1"], "--seed -1 is out of range"),
+    (["--eval-teacher-steps", "61"], "--eval-teacher-steps 61"),  # the float arange gives 62 timesteps
+    (["--eval-teacher-steps", "1001"], "--eval-teacher-steps 1001"),
+    (["--prompts", "LATIN1"], "is not UTF-8 text"),
+    (["--out", "AFILE"], "is a file"),
     (["--rl", "grpo", "--rl-start", "0", "--grpo-eta", "0"], "--grpo-eta 0.0"),  # no log-prob: GRPO would not move
 ])
 def test_bad_input_one_line_error(args, message, prompt_file, tmp_path, monkeypatch):
@@ -240,6 +281,12 @@ def test_bad_input_one_line_error(args, message, prompt_file, tmp_path, monkeypa
     if "EMPTY" in args:
         (tmp_path / "empty.txt").write_text("\n  \n")
         args = [a.replace("EMPTY", str(tmp_path / "empty.txt")) for a in args]
+    if "LATIN1" in args:
+        (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+        args = [a.replace("LATIN1", str(tmp_path / "latin1.txt")) for a in args]
+    if "AFILE" in args:
+        (tmp_path / "afile").write_text("")
+        args = [a.replace("AFILE", str(tmp_path / "afile")) for a in args]
     if "BROKEN" in args:
         (tmp_path / "broken").mkdir()
         (tmp_path / "broken" / "model_index.json").write_text("{}")
@@ -265,6 +312,12 @@ def test_existing_run_is_never_overwritten(runs, prompt_file):
     with pytest.raises(SystemExit, match="--resume with different settings: real_guidance"):
         dmdr.main(tiny_args(prompt_file, runs["dpo"], "dpo", 3, "--steps", STEPS["dpo"], *ABLATION["dpo"], "--resume",
                             "--real-guidance", "3"))
+    with pytest.raises(SystemExit, match="--resume with different settings: dynadg"):  # the switch's --no- form
+        dmdr.main(["--out", str(runs["dpo"]), "--resume", "--dynadg"])
+    other = Path(prompt_file).with_name("reversed.txt")
+    other.write_text("\n".join(PROMPTS[::-1]) + "\n")
+    with pytest.raises(SystemExit, match="the prompts differ from those the run started with"):
+        dmdr.main(["--out", str(runs["dpo"]), "--resume", "--prompts", str(other)])
     assert (runs["dpo"] / "metrics.jsonl").read_text() == before
 
 
@@ -417,6 +470,34 @@ def test_real_and_fake_share_base_weights(lora_models, prompt_file, tmp_path):
     full = dmdr.build_models(cfg, torch.device("cpu"))
     fake_lora = sum(p.numel() for n, p in full.unet.named_parameters() if "lora_" in n)
     assert storage_numel(full.unet, full.gen_unet) == 2 * base + fake_lora
+
+
+def test_the_dynadg_scale_reaches_the_real_score(prompt_file, tmp_path, monkeypatch):
+    """E10 in the loop: each generator update's real score runs at the (logged) DynaDG scale of its step."""
+    seen, real = [], dmdr.real_x0
+
+    def spy(m, x_t, t, emb, uncond, guidance, dynadg=0.0):
+        seen.append(dynadg)
+        return real(m, x_t, t, emb, uncond, guidance, dynadg)
+    monkeypatch.setattr(dmdr, "real_x0", spy)
+    dmdr.main(tiny_args(prompt_file, tmp_path, "none", 2, "--dynadg-steps", "4", "--eval-every", "1000"))
+    assert seen == [pytest.approx(dmdr.dynadg_scale(s, 0.75, 4)) for s in range(2)] and seen[1] < seen[0]
+
+
+def test_the_fake_score_learns_every_generator_step_at_dynars_times(prompt_file, tmp_path, monkeypatch):
+    """E9 (DMD2): the fake score trains on backward simulation's x0 at every grid step, not only the last one;
+    E11: its renoise times follow DynaRS (Beta(4, 1.5) at step 0: mean t ~ 20 + 960 * 4 / 5.5 ~ 718, not 500)."""
+    cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "none", 1, "--steps", "2", "--fake-updates", "64",
+                                    "--generator", "lora"))
+    m = dmdr.build_models(cfg, torch.device("cpu"))
+    ts, ks = [], []
+    draw, simulate = dmdr.sample_renoise_timesteps, dmdr.backward_simulation
+    monkeypatch.setattr(dmdr, "sample_renoise_timesteps", lambda *a, **kw: ts.append(draw(*a, **kw)) or ts[-1])
+    monkeypatch.setattr(dmdr, "backward_simulation", lambda m_, z, emb, k: ks.append(k) or simulate(m_, z, emb, k))
+    torch.manual_seed(0)
+    dmdr.fake_updates(m, cfg, torch.optim.AdamW(dmdr.lora_params(m.unet, "fake"), lr=0.0), 0, PROMPTS)
+    assert torch.cat(ts).float().mean().item() == pytest.approx(20 + 960 * 4 / 5.5, abs=40)
+    assert set(torch.cat(ks).tolist()) == {0, 1}
 
 
 def test_backward_simulation_per_sample_k_shares_unet_calls(prompt_file, tmp_path):
@@ -725,7 +806,7 @@ def test_profile_counts_evaluations_exactly(prompt_file, tmp_path, capsys):
     table = capsys.readouterr().out
     assert all(f"| {p} |" in table for p in ("generator", "fake", "rl", "other", "wall"))
     assert "n/a (cpu)" in table and all(f"| {k} | {n * v} |" in table for k, v in per_iter.items())
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "metrics.jsonl"]  # no checkpoint, no generator
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "metrics.jsonl", "prompts.txt"]  # no checkpoint, generator
 
 
 def test_local_diffusers_folder_loads_as_the_teacher(tmp_path):

@@ -115,11 +115,12 @@ def test_full_run_leaves_config_metrics_grids_student_checkpoint(full_run):
     assert (full_run / "student" / "model_index.json").exists()
 
 
-@pytest.mark.parametrize("interrupt", [0, 1])
-def test_ctrl_c_then_resume_gives_the_same_metrics_and_no_teacher_recompute(full_run, workdir, monkeypatch,
-                                                                           interrupt):
-    """SIGINT in iteration `interrupt` -> a checkpoint at the next one and a clean return; --resume finishes the
-    run, and the metrics equal the uninterrupted run's. interrupt 0: the checkpoint is at the BC -> RL switch and
+@pytest.mark.parametrize("interrupt, signum", [(0, signal.SIGINT), (1, signal.SIGTERM)])
+def test_a_signal_then_resume_gives_the_same_metrics_and_no_teacher_recompute(full_run, workdir, monkeypatch,
+                                                                              interrupt, signum):
+    """Ctrl-C, or SIGTERM (timeout, SLURM, docker stop), in iteration `interrupt` -> a checkpoint at the next one
+    and exit status 128 + signal; --resume with no other flag (every setting from config.json) finishes the run,
+    and the metrics equal the uninterrupted run's. interrupt 0: the checkpoint is at the BC -> RL switch and
     holds BC's Adam moments, which the resumed run must reset as the uninterrupted one did. Sharing the teacher
     cache, this run never computes a teacher output."""
     original = redif.train_iteration
@@ -127,21 +128,45 @@ def test_ctrl_c_then_resume_gives_the_same_metrics_and_no_teacher_recompute(full
     def interrupted(*args, **kwargs):
         record = original(*args, **kwargs)
         if record["iter"] == interrupt:
-            signal.raise_signal(signal.SIGINT)  # what Ctrl-C does
+            signal.raise_signal(signum)
         return record
 
     monkeypatch.setattr(redif, "train_iteration", interrupted)
     name = f"resumed{interrupt}"
     out = workdir / name
-    assert redif.main(tiny_args(workdir, name, *RUN_FLAGS)) is None
+    with pytest.raises(SystemExit) as stopped:
+        redif.main(tiny_args(workdir, name, *RUN_FLAGS))
+    assert stopped.value.code == 128 + signum  # no student was written: a `&&` chain stops
+    assert all(signal.getsignal(s) is h for s, h in ((signal.SIGINT, signal.default_int_handler),
+                                                    (signal.SIGTERM, signal.SIG_DFL)))  # handlers restored
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == interrupt + 1
     assert [r["iter"] for r in read_metrics(out) if r["phase"] != "eval"] == list(range(interrupt + 1))
     monkeypatch.setattr(redif, "train_iteration", original)
-    assert redif.main(tiny_args(workdir, name, *RUN_FLAGS, "--resume")) == out
+    assert redif.main(["--out", str(out), "--resume"]) == out
     resumed, uninterrupted = read_metrics(out), read_metrics(full_run)
     assert stable(resumed) == stable(uninterrupted)
     assert all(r["teacher_cache_misses"] == 0 for r in resumed if "teacher_cache_misses" in r)
     assert sum(r["teacher_cache_hits"] for r in resumed if "teacher_cache_hits" in r) == 4 * 2
+
+
+def test_a_second_ctrl_c_aborts_mid_iteration_in_one_line_and_keeps_the_checkpoint(workdir, monkeypatch, capsys):
+    original, flags = redif.train_iteration, ("--bc-iters", "1", "--iters", "2", "--eval-every", "0",
+                                              "--ckpt-every", "1", "--reward", "latent=1")
+
+    def pressed_twice(*args, **kwargs):
+        if args[7] == 1:  # the step argument: iteration 0 was checkpointed
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(redif, "train_iteration", pressed_twice)
+    out = workdir / "twice"
+    with pytest.raises(SystemExit) as stopped:
+        redif.main(tiny_args(workdir, "twice", *flags))
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (f"aborted mid-iteration; {out / 'checkpoint.pt'} "
+                                                        "(iteration 1) continues with --resume")
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 1
 
 
 def test_resume_with_a_lower_lr_after_a_kill_mid_write(workdir, monkeypatch, capsys):
@@ -160,7 +185,8 @@ def test_resume_with_a_lower_lr_after_a_kill_mid_write(workdir, monkeypatch, cap
     flags = ("--bc-iters", "1", "--iters", "3", "--eval-every", "0", "--reward", "latent=1")
     monkeypatch.setattr(redif, "train_iteration", interrupted)
     out = workdir / "lower_lr"
-    assert redif.main(tiny_args(workdir, "lower_lr", *flags)) is None
+    with pytest.raises(SystemExit):
+        redif.main(tiny_args(workdir, "lower_lr", *flags))
     monkeypatch.setattr(redif, "train_iteration", original)
     before = torch.load(out / "checkpoint.pt", weights_only=False)
     assert before["step"] == 2 and before["optimizer"]["param_groups"][0]["lr"] == 3e-4
@@ -317,6 +343,82 @@ def test_bc_warmup_regresses_the_student_onto_the_teacher(workdir):
     assert len(bc) == 8 and len(evals) == 2
     assert sum(bc[-3:]) / 3 < 0.85 * bc[0]
     assert evals[1] < 0.92 * evals[0]
+
+
+def test_policy_loss_at_ratio_one_is_the_policy_gradient_plus_the_kl(workdir):
+    """Before a minibatch's first update the ratio is 1 (E5), so step k's loss is -mean(A) + beta KL (E6) and its
+    gradient is that of -mean(A log pi_k) + beta KL: at K=2, with beta > 0 and the student off its reference,
+    a log-prob of another step or a flipped KL would show."""
+    cfg, models, rm, weights, cache, optimizer, prompts = tiny_trainer(workdir, "--lr", "0", "--beta", "0.5")
+    with torch.no_grad():  # move the student off the reference (the teacher) so the KL is > 0
+        for n, p in models.student.named_parameters():
+            if p.requires_grad and "lora_B" in n:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    cond = redif.encode_prompts(models, ["a photo of a cat"] * 2 + ["a red car on a road"] * 2)
+    x_T = redif.initial_noise([0, 0, 1, 1], models.latent_size, models.device)
+    latents, old = redif.sample_student(models, x_T, cond, cfg.eta, torch.Generator().manual_seed(0))
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    params = [p for p in models.student.parameters() if p.requires_grad]
+    for k, (t, t_prev) in enumerate(zip(*redif.sampler_grid(cfg.steps))):
+        loss, _ = redif.policy_loss_step(models, latents, old, adv, cond, k, t, t_prev)
+        _, log_prob, mean, std = redif.policy_step(models, models.student, latents[:, k], t, t_prev, cond, cfg.eta,
+                                                   prev_sample=latents[:, k + 1])
+        with torch.no_grad(), redif.reference_policy(models) as ref:
+            ref_mean = redif.policy_step(models, ref, latents[:, k], t, t_prev, cond, cfg.eta,
+                                         prev_sample=latents[:, k + 1])[2]
+        kl = ((mean - ref_mean) ** 2 / (2 * std ** 2)).mean(dim=(1, 2, 3))
+        assert kl.mean() > 0
+        assert loss.item() == pytest.approx((-adv.mean() + cfg.beta * kl.mean()).item(), rel=1e-5, abs=1e-7)
+        expected = -(adv * log_prob).mean() + cfg.beta * kl.mean()
+        for a, b in zip(torch.autograd.grad(loss, params), torch.autograd.grad(expected, params)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+
+
+def test_the_policy_samples_at_the_student_guidance(workdir):
+    """--student-guidance 2 against the teacher's 7.5: the policy's mean is a DDIM step of CFG at 2, by hand."""
+    cfg, models, *_ = tiny_trainer(workdir, "--student-guidance", "2", "--teacher-guidance", "7.5")
+    x = torch.randn(2, 4, models.latent_size, models.latent_size, generator=torch.Generator().manual_seed(0))
+    cond = redif.encode_prompts(models, ["a photo of a cat", "a red car on a road"])
+    mean = redif.policy_step(models, models.student, x, 999, 499, cond, 0.0)[2]
+    uncond = redif.encode_prompts(models, [""]).expand_as(cond)
+    with torch.no_grad():
+        eps_u, eps_c = (models.student(x, torch.full((2,), 999), c).sample for c in (uncond, cond))
+    expected = redif.ddim_step_with_logprob(eps_u + 2.0 * (eps_c - eps_u), 999, 499, x, models.alphas_cumprod, 0.0)[2]
+    torch.testing.assert_close(mean, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_evaluation_is_the_deterministic_eta0_student(workdir, tmp_path):
+    """What is deployed (eta 0): evaluate() gives the same numbers whatever the global RNG's state."""
+    cfg, models, rm, weights, cache, optimizer, prompts = tiny_trainer(workdir, "--reward", "latent=1")
+    torch.manual_seed(1)
+    first = redif.evaluate(models, rm, weights, cache, prompts, tmp_path / "a.png")
+    torch.manual_seed(2)
+    assert redif.evaluate(models, rm, weights, cache, prompts, tmp_path / "b.png") == first
+
+
+def test_the_teacher_cache_key_changes_with_every_setting_of_the_teachers_output(workdir):
+    """A shared --teacher-cache must never hand one teacher's outputs to a run whose teacher samples otherwise."""
+    def key(*flags):
+        models = tiny_trainer(workdir, *flags)[1]
+        return redif.TeacherCache(workdir / "cache", models).path("a photo of a cat", 0)
+
+    base = key()
+    for flags in (["--teacher-guidance", "3"], ["--teacher-steps", "20"], ["--steps", "1"], ["--resolution", "16"],
+                  ["--precision", "bf16"]):
+        assert key(*flags) != base, flags
+    assert key("--student-guidance", "3", "--lr", "1e-3") == base  # student settings share the teacher's outputs
+
+
+def test_advantages_are_clipped_to_adv_clip_max(workdir, monkeypatch):
+    """PPO statistics over a flat history make a new reward an outlier: rl_update sees it clipped (DDPO)."""
+    cfg, models, rm, weights, cache, optimizer, prompts = tiny_trainer(
+        workdir, "--algo", "ppo", "--group", "1", "--bc-iters", "0", "--reward", "latent=1", "--adv-clip-max", "0.5")
+    seen = []
+    monkeypatch.setattr(redif, "rl_update", lambda models, optimizer, rollout, adv, gen: seen.append(adv) or {})
+    tracker = redif.PerPromptStatTracker(16, 1)
+    tracker.stats = {p: [0.0] * 15 for p in prompts}
+    redif.train_iteration(models, rm, weights, cache, optimizer, tracker, prompts, 0, dict(skips=0, streak=0))
+    assert seen and seen[0].abs().max().item() == pytest.approx(0.5)
 
 
 def test_kl_reference_is_the_student_as_rl_starts_not_the_pre_bc_teacher(workdir):
@@ -838,6 +940,24 @@ def test_bad_inputs(workdir, monkeypatch):
     expect_error(["--teacher", "tiny", "--algo", "grpo", "--group", "1"] + base, "--group 1", "--algo ppo")
     for name in ("--ckpt-every", "--teacher-batch", "--max-nan-skips", "--sample-batch"):  # each would break a loop
         expect_error(["--teacher", "tiny", name, "0"] + base, f"{name} 0 must be positive")
+    tiny = ["--teacher", "tiny"] + base
+    for args, message in ((["--max-grad-norm", "-1"], "--max-grad-norm -1.0 must be positive"),  # ascent in torch
+                          (["--lora-rank", "0"], "--lora-rank 0 must be positive"),
+                          (["--adv-clip-max", "-1"], "--adv-clip-max -1.0 must be positive"),
+                          (["--resolution", "-32"], "--resolution -32 must be positive"),
+                          (["--iters", "-5"], "--iters -5 must be non-negative"),
+                          (["--eval-every", "-1"], "--eval-every -1 must be non-negative"),
+                          (["--lr", "-1"], "--lr -1.0 must be non-negative"),
+                          (["--eta", "nan"], "--eta nan is not a finite number"),
+                          (["--teacher-guidance", "inf"], "--teacher-guidance inf is not a finite number"),
+                          (["--reward", "clip=nan"], "--reward weight clip=nan is not finite"),
+                          (["--seed", str(2 ** 32)], f"--seed {2 ** 32} is out of range")):
+        expect_error(tiny + args, message)
+    (workdir / "afile").write_text("")
+    expect_error(["--teacher", "tiny", "--out", str(workdir / "afile")], "--out", "is a file")
+    expect_error(tiny + ["--teacher-cache", str(workdir / "afile")], "--teacher-cache", "is a file")
+    (workdir / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    expect_error(tiny + ["--prompts", str(workdir / "latin1.txt")], "is not UTF-8 text")
     (workdir / "empty.txt").write_text("\n  \n")
     expect_error(["--teacher", "tiny", "--prompts", str(workdir / "empty.txt")] + base, "is empty")
     expect_error(["--teacher", "tiny", "--prompts", str(workdir / "missing.txt")] + base, "not found")
@@ -862,8 +982,40 @@ def test_existing_run_is_never_overwritten(full_run, workdir):
     before = (full_run / "metrics.jsonl").read_text()
     expect_error(tiny_args(workdir, "full", *RUN_FLAGS), "already holds a run", "--resume")
     expect_error(tiny_args(workdir, "full", *RUN_FLAGS, "--resume", "--steps", "1"), "different settings: steps")
-    expect_error(tiny_args(workdir, "nothing-here", "--resume"), "does not exist")
+    # the settings not given come from config.json: the teacher is 'tiny' there, not the default 'sd15'
+    expect_error(["--out", str(full_run), "--resume", "--reward", "clip=1"], "different settings: reward")
+    expect_error(tiny_args(workdir, "nothing-here", "--resume"), "holds no checkpoint.pt")
     assert (full_run / "metrics.jsonl").read_text() == before
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_is_started_afresh(workdir):
+    """A --profile (or a crash in iteration 1) leaves config.json and metrics.jsonl but nothing to resume: a
+    --resume says so, and a fresh run starts over in the folder, its metrics not appended to the old ones."""
+    out, flags = workdir / "restart", ("--bc-iters", "1", "--iters", "1", "--eval-every", "0", "--reward", "latent=1")
+    redif.main(tiny_args(workdir, "restart", *flags, "--profile", "1"))
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl", "prompts.txt"]
+    expect_error(tiny_args(workdir, "restart", *flags, "--resume"), "holds no checkpoint.pt", "without --resume")
+    assert redif.main(tiny_args(workdir, "restart", *flags)) == out
+    assert [(r["iter"], r["phase"]) for r in read_metrics(out)] == [(0, "eval"), (0, "bc"), (1, "rl"), (2, "eval")]
+
+
+def test_a_broken_run_folder_is_one_line_on_resume(full_run, workdir, tmp_path):
+    """A copy of the run (moved folders resume: --out is where the run is, not a setting) with a part broken."""
+    def broken(name, edit, *flags):
+        copy = tmp_path / name
+        shutil.copytree(full_run, copy)
+        edit(copy)
+        return ["--out", str(copy), "--resume", *flags]
+
+    def truncate(copy):
+        (copy / "checkpoint.pt").write_bytes((copy / "checkpoint.pt").read_bytes()[:1000])
+
+    (workdir / "other.txt").write_text("a dog\n")
+    expect_error(broken("truncated", truncate), "checkpoint.pt is unreadable")
+    expect_error(broken("foreign", lambda c: torch.save({"step": 1, "fake": {}}, c / "checkpoint.pt")),
+                 "is not a redif.py checkpoint")
+    expect_error(broken("no-config", lambda c: (c / "config.json").unlink()), "config.json is missing or unreadable")
+    expect_error(broken("edited", lambda c: None, "--prompts", str(workdir / "other.txt")), "the prompts differ")
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # numpy: the mean of inf losses

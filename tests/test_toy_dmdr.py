@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from toy.diffusion import DTYPE, GaussianMixture, add_noise, pretrain_student, sd_alphas_cumprod, x0_from_eps
+import toy.dmdr
+from toy.diffusion import DTYPE, EpsMLP, GaussianMixture, add_noise, pretrain_student, sd_alphas_cumprod, x0_from_eps
 from toy.dmdr import (
     FakeScore, GaussianFake, ToyDMDRConfig, backward_simulate, dmd_loss, dynadg_scale, dynars_beta, generate,
     predict_x0, real_eps, sample_renoise_timesteps, toy_reward, train_dmdr,
@@ -193,6 +194,20 @@ def test_dynadg_at_the_fake_lora_scale_turns_the_real_score_into_the_guided_fake
     assert torch.allclose(real[2.0], fake_u + guidance * (fake_c - fake_u), rtol=1e-10, atol=1e-12)
     assert (real[2.0] - real[0.0]).abs().max() > 1e-2
     assert torch.allclose(real[0.75], real[0.0] + 0.375 * (real[2.0] - real[0.0]), rtol=1e-10, atol=1e-12)
+
+
+def test_the_training_loop_feeds_the_dynadg_scale_to_the_real_score(monkeypatch):
+    """E10 in the loop, as dmdr.py's: each iteration's real score runs at lam = dynadg_scale(it)."""
+    seen = []
+
+    def spy(data, fake, x, t, labels, guidance, lam, *args, **kwargs):
+        seen.append(lam)
+        return real_eps(data, fake, x, t, labels, guidance, lam, *args, **kwargs)
+    monkeypatch.setattr(toy.dmdr, "real_eps", spy)
+    data = GaussianMixture()
+    cfg = ToyDMDRConfig(steps=1, iters=3, batch=8, total_steps=4)
+    train_dmdr(data, EpsMLP(data.num_modes, hidden=16, emb=8), cfg, seed=0)
+    assert seen == [pytest.approx(dynadg_scale(i, 0.75, 4)) for i in range(3)] and seen[2] < seen[0]
 
 
 def test_backward_simulation_sees_the_sampler_states():
