@@ -47,6 +47,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -235,6 +236,8 @@ def validate(cfg):
         if value is not None and (f.name in positive and value <= 0 or f.name in non_negative and value < 0):
             kind = "positive" if f.name in positive else "non-negative"
             fail(f"{name} {value} must be {kind}", f"pass a {kind} number")
+        if isinstance(value, int) and f.name != "seed" and value >= 2 ** 31:
+            fail(f"{name} {value} is too large", "pass a value below 2**31")
     if not 0 <= cfg.seed < 2 ** 32:
         fail(f"--seed {cfg.seed} is out of range", "pass a seed in [0, 2**32)")
     if len(trailing_timesteps(cfg.eval_teacher_steps)) != cfg.eval_teacher_steps or cfg.eval_teacher_steps > 1000:
@@ -263,8 +266,11 @@ def validate(cfg):
 def check_out_dir(cfg, out):
     """Never overwrite a run: a checkpoint or a generator marks one. A folder whose run stopped before its first
     checkpoint (a crash in iteration 1, a --profile) holds nothing to resume: a fresh run starts over in it."""
-    if out.exists() and not out.is_dir():
-        fail(f"--out {out} is a file", "pass a folder (it is created if missing)")
+    if not cfg.out:
+        fail("--out is empty", "pass a folder, e.g. --out runs/dmdr")
+    for part in (out, *out.parents):  # a file where a folder must go fails now, not after loading the models
+        if part.exists() and not part.is_dir():
+            fail(f"--out {out}: {part} is a file", "pass a folder (it is created if missing)")
     if cfg.resume and not (out / "checkpoint.pt").is_file():
         fail(f"--resume but {out} holds no checkpoint.pt", "run without --resume to start afresh there, or point "
              "--out at the run")
@@ -281,16 +287,34 @@ RESUME_FREE = {"iters", "eval_every", "save_every", "compile", "gradient_checkpo
 THIS_PROCESS = {"out", "device", "profile", "resume"}  # where and how this process runs: never from config.json
 
 
+def fits(value, f):
+    """Whether a value read from config.json is one the flag could have given."""
+    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(str(f.type), f.type)
+    if value is None or isinstance(value, bool) != (kind is bool):
+        return value is None and f.default is None
+    ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+    return ok and value in f.metadata.get("choices", [value])
+
+
 def resume_config(cfg, given, out):
     """--resume: the run's config.json, overridden by the settings given on this command line. Changing one
-    outside RESUME_FREE would not continue the same run."""
+    outside RESUME_FREE would not continue the same run; a setting the file lacks (added to the script since
+    the run) counts at its default."""
+    path, flags = out / "config.json", {f.name: f for f in fields(Config)}
     try:
-        saved = json.loads((out / "config.json").read_text())
+        saved = json.loads(path.read_text())
     except (OSError, ValueError):
-        fail(f"{out / 'config.json'} is missing or unreadable", "point --out at a dmdr.py run folder")
-    names = {f.name for f in fields(Config)}
-    cfg = replace(cfg, **{k: v for k, v in saved.items() if k in names - given - THIS_PROCESS})
-    changed = sorted(k for k in given - THIS_PROCESS if k in saved and saved[k] != getattr(cfg, k))
+        fail(f"{path} is missing or unreadable", "point --out at a dmdr.py run folder")
+    if not isinstance(saved, dict) or set(saved) - set(flags):
+        fail(f"{path} is not a dmdr.py config" + (f" ({', '.join(sorted(set(saved) - set(flags)))} unknown)"
+                                                  if isinstance(saved, dict) else ""), "point --out at a dmdr.py run")
+    if bad := [f"{k}={v!r}" for k, v in saved.items() if not fits(v, flags[k])]:
+        fail(f"{path} holds values no flag gives: {', '.join(bad)}", "restore the run's config.json")
+    saved = {**{k: f.default for k, f in flags.items()}, **saved}
+    if "prompts" not in given and (out / "prompts.txt").exists():
+        saved["prompts"] = str(out / "prompts.txt")  # the run's own copy: the folder moves with its prompts
+    cfg = replace(cfg, **{k: v for k, v in saved.items() if k not in given | THIS_PROCESS})
+    changed = sorted(k for k in given - THIS_PROCESS if saved[k] != getattr(cfg, k))
     if refused := [k for k in changed if k not in RESUME_FREE]:
         fail(f"--resume with different settings: {', '.join(refused)}",
              "leave them out to keep the run's (config.json), or start a new --out")
@@ -302,7 +326,11 @@ def resume_config(cfg, given, out):
 def check_same_prompts(out, prompts):
     """A run trains and evaluates on the prompts it started with (its prompts.txt), not on an edited file."""
     path = out / "prompts.txt"
-    if path.exists() and path.read_text(encoding="utf-8").splitlines() != list(prompts):
+    try:
+        theirs = path.read_text(encoding="utf-8").splitlines() if path.exists() else list(prompts)
+    except UnicodeDecodeError:
+        fail(f"{path} is not UTF-8 text", "restore it, or resume with --prompts and the run's prompt file")
+    if theirs != list(prompts):
         fail(f"the prompts differ from those the run started with ({path})",
              f"resume with --prompts {path}, or start a new --out")
 
@@ -318,6 +346,8 @@ def parse_reward(spec):
             fail(f"bad --reward term '{part}'", "write name=weight, e.g. --reward clip_text=1")
         if name.strip() not in REWARD_TERMS:
             fail(f"unknown reward '{name.strip()}'", f"use {', '.join(REWARD_TERMS)}")
+        if not math.isfinite(weights[name.strip()]):
+            fail(f"--reward weight {part} is not finite", "write a finite weight, e.g. --reward clip_text=1")
     if not any(weights.values()):
         fail("--reward has no non-zero weight", "e.g. --reward clip_text=1")
     return weights
@@ -1174,11 +1204,14 @@ def load_checkpoint(path, m, opt_g, opt_f):
         state = torch.load(path, map_location=m.device, weights_only=False)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # truncated, empty, a folder
         fail(f"{path} is unreadable ({type(e).__name__})", "restore it from a copy, or start a new --out")
-    if not isinstance(state, dict) or not {"step", "generator", "fake", "opt_g", "opt_f", "rng"} <= set(state):
+    if (not isinstance(state, dict) or not {"step", "generator", "fake", "opt_g", "opt_f", "rng"} <= set(state)
+            or not {"python", "numpy", "torch", "cuda"} <= set(state["rng"])):
         fail(f"{path} is not a dmdr.py checkpoint", "point --out at a dmdr.py run")
-    ours = generator_params(m) if m.lora_generator else m.gen_unet.state_dict()
-    if set(state["generator"]) != set(ours):
-        fail(f"checkpoint {path} does not match this generator", "resume with the run's --generator and ranks")
+    shapes = {"generator": generator_params(m) if m.lora_generator else m.gen_unet.state_dict(),
+              "fake": {n: p for n, p in m.unet.named_parameters() if ".fake." in n}}
+    for part, ours in shapes.items():
+        if {n: t.shape for n, t in ours.items()} != {n: getattr(t, "shape", None) for n, t in state[part].items()}:
+            fail(f"checkpoint {path} does not match this {part}", "resume with the run's --generator and ranks")
     params = dict(m.unet.named_parameters())
     with torch.no_grad():
         for n, v in state["fake"].items():
@@ -1251,15 +1284,20 @@ def main(argv=None):
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
 
     m = build_models(cfg, device)  # a teacher or reward model that fails to load leaves no run folder behind
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "config.json", json.dumps(asdict(cfg), indent=2))  # on --resume: with the changes above
-    if not cfg.resume:
-        atomic_write(out / "prompts.txt", "".join(p + "\n" for p in train_prompts + eval_prompts))
     m.uncond = encode_prompts(m, [""])  # (1, 77, D)
     opt_g = torch.optim.AdamW(list(generator_params(m).values()), lr=cfg.lr)
     opt_f = torch.optim.AdamW(lora_params(m.unet, "fake"), lr=cfg.fake_lr)
     torch.manual_seed(cfg.seed)  # training draws start here, whatever model building consumed
     step = load_checkpoint(ckpt, m, opt_g, opt_f) if cfg.resume else 0
+    if step > cfg.iters:
+        fail(f"--iters {cfg.iters}: the run is past it, at iteration {step}", f"pass --iters {step} or more")
+    out.mkdir(parents=True, exist_ok=True)
+    if not cfg.profile or not cfg.resume:  # a resumed profile's flags are for its own timing, not for the run
+        atomic_write(out / "config.json", json.dumps(asdict(cfg), indent=2))  # on --resume: with the changes
+    if not cfg.resume:
+        atomic_write(out / "prompts.txt", "".join(p + "\n" for p in train_prompts + eval_prompts))
+        for stale in out.glob("samples_*.png"):  # of a run that stopped before its first checkpoint
+            stale.unlink()
     for opt, lr in ((opt_g, cfg.lr), (opt_f, cfg.fake_lr)):
         for group in opt.param_groups:
             group["lr"] = lr  # the checkpoint's optimiser state carries the old lr
@@ -1267,7 +1305,8 @@ def main(argv=None):
     lines = metrics_path.read_text().splitlines() if cfg.resume and metrics_path.exists() else []
     rows = [(line, parse_json(line)) for line in lines]  # a line cut short by a crash does not parse: dropped
     atomic_write(metrics_path, "".join(line + "\n" for line, row in rows  # lines after the checkpoint are redone
-                                       if row is not None and row["iter"] <= step))
+                                       if isinstance(row, dict) and isinstance(row.get("iter"), int)
+                                       and row["iter"] <= step and row.get("phase") != "profile"))
     if cfg.profile:
         return profile(m, cfg, opt_g, opt_f, step, train_prompts, metrics_path)
 
@@ -1313,4 +1352,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # outside the training loop (loading, --profile): nothing to save
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1026,9 +1026,11 @@ def load_checkpoint(path, models, optimizer, tracker):
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # truncated, empty, a folder
         fail(f"{path} is unreadable ({type(e).__name__})", "restore it from a copy, or start a new --out")
-    if not isinstance(ckpt, dict) or not {"step", "trainable", "optimizer", "rng", "nan_state"} <= set(ckpt):
+    if (not isinstance(ckpt, dict) or not {"step", "trainable", "optimizer", "rng", "nan_state"} <= set(ckpt)
+            or not {"python", "numpy", "torch", "cuda"} <= set(ckpt["rng"])):
         fail(f"{path} is not a redif.py checkpoint", "point --out at a redif.py run")
-    if set(trainable_state(models.student)) != set(ckpt["trainable"]):
+    ours = {n: t.shape for n, t in trainable_state(models.student).items()}
+    if ours != {n: getattr(t, "shape", None) for n, t in ckpt["trainable"].items()}:
         fail(f"checkpoint {path} does not match this student", "resume with the run's --finetune and --lora-rank")
     models.student.load_state_dict(ckpt["trainable"], strict=False)
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -1121,8 +1123,15 @@ def validate(cfg):
         if value is not None and (f.name in positive and value <= 0 or f.name in non_negative and value < 0):
             kind = "positive" if f.name in positive else "non-negative"
             fail(f"{name} {value} must be {kind}", f"pass a {kind} number")
+        if isinstance(value, int) and f.name != "seed" and value >= 2 ** 31:
+            fail(f"{name} {value} is too large", "pass a value below 2**31")
     if not 0 <= cfg.seed < 2 ** 32:
         fail(f"--seed {cfg.seed} is out of range", "pass a seed in [0, 2**32)")
+    if cfg.seed_pool > EVAL_SEED_BASE:
+        fail(f"--seed-pool {cfg.seed_pool} would draw the held-out evaluation seeds (from {EVAL_SEED_BASE})",
+             "use a smaller --seed-pool, e.g. 32")
+    if cfg.teacher_cache:
+        check_folder("--teacher-cache", Path(cfg.teacher_cache))
     if cfg.iters > 0 and cfg.eta <= 0:
         fail("--eta must be > 0 for RL: an eta-0 step has no log-probability", "use --eta 1.0")
     if cfg.eval_pairs < 2:
@@ -1171,12 +1180,19 @@ def unet_batch_shapes(cfg):
     return sorted(train | {len(c) for c in rows.split(cfg.sample_batch or cfg.train_batch)})
 
 
+def check_folder(flag, path):
+    """A file where a folder must go fails now, not after minutes of loading models."""
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            fail(f"{flag} {path}: {part} is a file", "pass a folder (it is created if missing)")
+
+
 def check_out_dir(cfg, out):
     """Never overwrite a run: a checkpoint or a student marks one. A folder whose run stopped before its first
     checkpoint (a crash in iteration 1, a --profile) holds nothing to resume: a fresh run starts over in it."""
-    for name, path in (("--out", out), ("--teacher-cache", cfg.teacher_cache)):
-        if path is not None and Path(path).exists() and not Path(path).is_dir():
-            fail(f"{name} {path} is a file", "pass a folder (it is created if missing)")
+    if not cfg.out:
+        fail("--out is empty", "pass a folder, e.g. --out runs/redif")
+    check_folder("--out", out)
     if cfg.resume and not (out / "checkpoint.pt").is_file():
         fail(f"--resume but {out} holds no checkpoint.pt", "run without --resume to start afresh there, or point "
              "--out at the run")
@@ -1187,22 +1203,40 @@ def check_out_dir(cfg, out):
 
 
 # settings a resumed run may change: they leave what was already trained alone (lr: e.g. after NaN rewards);
-# prompts: the file may move, its prompts are compared (check_same_prompts)
+# prompts: the file may move, its prompts are compared (check_same_prompts); the teacher cache is keyed by content
 RESUME_FREE = {"iters", "eval_every", "ckpt_every", "teacher_batch", "max_nan_skips", "compile",
-               "gradient_checkpointing", "lr", "max_grad_norm", "prompts"}
+               "gradient_checkpointing", "lr", "max_grad_norm", "prompts", "teacher_cache"}
 THIS_PROCESS = {"out", "device", "profile", "resume"}  # where and how this process runs: never from config.json
+
+
+def fits(value, f):
+    """Whether a value read from config.json is one the flag could have given."""
+    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(str(f.type), f.type)
+    if value is None or isinstance(value, bool) != (kind is bool):
+        return value is None and f.default is None
+    ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+    return ok and value in f.metadata.get("choices", [value])
 
 
 def resume_config(cfg, given, out):
     """--resume: the run's config.json, overridden by the settings given on this command line -> (cfg, the changed
-    ones {name: (old, new)}). Changing one outside RESUME_FREE would not continue the same run."""
+    ones {name: (old, new)}). Changing one outside RESUME_FREE would not continue the same run; a setting the
+    file lacks (added to the script since the run) counts at its default."""
+    path, flags = out / "config.json", {f.name: f for f in dataclasses.fields(Config)}
     try:
-        saved = json.loads((out / "config.json").read_text())
+        saved = json.loads(path.read_text())
     except (OSError, ValueError):
-        fail(f"{out / 'config.json'} is missing or unreadable", "point --out at a redif.py run folder")
-    names = {f.name for f in dataclasses.fields(Config)}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k in names - given - THIS_PROCESS})
-    changed = sorted(k for k in given - THIS_PROCESS if k in saved and saved[k] != getattr(cfg, k))
+        fail(f"{path} is missing or unreadable", "point --out at a redif.py run folder")
+    if not isinstance(saved, dict) or set(saved) - set(flags):
+        fail(f"{path} is not a redif.py config" + (f" ({', '.join(sorted(set(saved) - set(flags)))} unknown)"
+                                                   if isinstance(saved, dict) else ""), "point --out at a redif.py run")
+    if bad := [f"{k}={v!r}" for k, v in saved.items() if not fits(v, flags[k])]:
+        fail(f"{path} holds values no flag gives: {', '.join(bad)}", "restore the run's config.json")
+    saved = {**{k: f.default for k, f in flags.items()}, **saved}
+    if "prompts" not in given and (out / "prompts.txt").exists():
+        saved["prompts"] = str(out / "prompts.txt")  # the run's own copy: the folder moves with its prompts
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in given | THIS_PROCESS})
+    changed = sorted(k for k in given - THIS_PROCESS if saved[k] != getattr(cfg, k))
     if refused := [k for k in changed if k not in RESUME_FREE]:
         fail(f"--resume with different settings: {', '.join(refused)}",
              "leave them out to keep the run's (config.json), or start a new --out")
@@ -1212,7 +1246,11 @@ def resume_config(cfg, given, out):
 def check_same_prompts(out, prompts):
     """A run trains on the prompts it started with (its prompts.txt), not on an edited --prompts file."""
     path = out / "prompts.txt"
-    if path.exists() and path.read_text(encoding="utf-8").splitlines() != list(prompts):
+    try:
+        theirs = path.read_text(encoding="utf-8").splitlines() if path.exists() else list(prompts)
+    except UnicodeDecodeError:
+        fail(f"{path} is not UTF-8 text", "restore it, or resume with --prompts and the run's prompt file")
+    if theirs != list(prompts):
         fail(f"the prompts differ from those the run started with ({path})",
              f"resume with --prompts {path}, or start a new --out")
 
@@ -1230,6 +1268,8 @@ def metrics_until(path, step):
             r = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if not isinstance(r, dict) or not isinstance(r.get("iter"), int):
+            continue
         if r["iter"] < step or (r["phase"] == "eval" and r["iter"] <= step):
             keep.append(line)
     return keep
@@ -1238,12 +1278,17 @@ def metrics_until(path, step):
 def resume_run(out, changed, models, optimizer, tracker):
     """--resume: load the checkpoint, put the settings now in force into the optimiser and config.json, cut
     metrics.jsonl back to the checkpoint (a temp file, then a rename) -> step, nan_state."""
+    cfg = models.cfg
     step, nan_state = load_checkpoint(out / "checkpoint.pt", models, optimizer, tracker)
+    if step > cfg.bc_iters + cfg.iters:
+        fail(f"--iters {cfg.iters}: the run is past it, at iteration {step} ({cfg.bc_iters} of them BC)",
+             f"pass --iters {step - cfg.bc_iters} or more")
     for group in optimizer.param_groups:  # load_state_dict brought back the lr the checkpoint was saved with
-        group["lr"] = models.cfg.lr
+        group["lr"] = cfg.lr
     if changed:
         print("resume: " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
-    write_config(models.cfg, out)
+    if not cfg.profile:  # a profile's flags are for its own timing, not for the run
+        write_config(cfg, out)
     keep = metrics_until(out / "metrics.jsonl", step)
     atomic_write(out / "metrics.jsonl", "".join(line + "\n" for line in keep))
     return step, nan_state
@@ -1322,6 +1367,8 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out)
         atomic_write(out / "prompts.txt", "".join(p + "\n" for p in prompts))
+        for stale in out.glob("samples_*.png"):  # of a run that stopped before its first checkpoint
+            stale.unlink()
     cache = TeacherCache(cfg.teacher_cache or out / "teacher_cache", models)
     optimizer = build_optimizer(models)
     tracker = PerPromptStatTracker(cfg.ppo_buffer, cfg.ppo_min_count) if cfg.algo == "ppo" else None
@@ -1346,14 +1393,15 @@ def main(argv=None):
         print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint (Ctrl-C again "
               "to abort)", file=sys.stderr)
 
+    if cfg.profile:  # from where the run is; no checkpoint, no student (a later --resume drops its lines)
+        with contextlib.closing(metrics_file):
+            return profile(models, rm, cache, step, log, lambda s: train_iteration(
+                models, rm, weights, cache, optimizer, tracker, prompts, s, nan_state))
     # Ctrl-C, and SIGTERM: what timeout, SLURM's preemption and docker stop send
     handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
     old_handlers = {sig: signal.signal(sig, on_signal) for sig in handled}
     saved = step if cfg.resume else None  # the iteration count of the checkpoint on disk
     try:
-        if cfg.profile:  # from where the run is; no checkpoint, no student (a later --resume drops its lines)
-            return profile(models, rm, cache, step, log, lambda s: train_iteration(
-                models, rm, weights, cache, optimizer, tracker, prompts, s, nan_state))
         if step == 0:
             evaluate_and_log(0)
         bar = tqdm(range(step, total), initial=step, total=total, desc="redif", disable=None)
@@ -1374,6 +1422,8 @@ def main(argv=None):
             if stop:  # a non-zero status: no student was written, so `redif.py ... && next-step` stops here
                 print(f"saved {out / 'checkpoint.pt'} at iteration {count}; continue with --resume", file=sys.stderr)
                 raise SystemExit(128 + stop[0])
+        if saved is None:  # --bc-iters 0 --iters 0: the student is the teacher, and still a run to resume
+            save_checkpoint(out / "checkpoint.pt", step, models, optimizer, tracker, nan_state)
         save_student(models, out / "student")
         print(f"student saved to {out / 'student'}: {cfg.steps} steps, guidance {cfg.student_guidance}, eta 0")
         return out
@@ -1387,4 +1437,8 @@ def main(argv=None):
             signal.signal(signum, handler)
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # outside the training loop (loading, --profile): nothing to save
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

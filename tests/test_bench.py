@@ -46,6 +46,14 @@ def test_bench_floor_is_the_scripts_floor(case, tmp_path):
     assert cells[6] == f"{row['wall_over_floor']:.2f}"
 
 
+def test_floor_here_costs_each_kind_at_its_own_rate():
+    costs = {"forward": 1.0, "train full": 10.0, "train lora": 100.0, "vae decode": 1000.0}
+    counts = {"forward": 1, "train": 2, "train lora": 3, "vae decode": 4, "vae decode with grad": 5}
+    assert sd_profile.floor_here(counts, costs, "full") == 1 + 20 + 300 + 4000
+    assert sd_profile.floor_here(counts, costs, "lora") == 1 + 200 + 300 + 4000
+    assert sd_profile.floor_here(counts, costs, "full", checkpointing=True) == 4321 + (2 + 3) * 1 + 5 * 1000
+
+
 def test_train_summary_reports_the_last_evaluation_and_the_worst_first_minibatch_ratio():
     rows = [{"iter": 0, "phase": "eval", "eval_reward": 0.1}, {"iter": 0, "phase": "rl", "ratio_err_first": 2e-4,
             "clipfrac_first": 0.5}, {"iter": 1, "phase": "rl", "ratio_err_first": 3e-5, "clipfrac_first": 0.0},

@@ -274,6 +274,9 @@ def test_run_summary_names_device_and_precision_and_warns_of_a_cpu_run_at_sd_sca
     (["--eval-teacher-steps", "1001"], "--eval-teacher-steps 1001"),
     (["--prompts", "LATIN1"], "is not UTF-8 text"),
     (["--out", "AFILE"], "is a file"),
+    (["--out", "AFILE/run"], "afile is a file"),
+    (["--reward", "clip_text=nan"], "--reward weight clip_text=nan is not finite"),
+    (["--batch-size", str(2 ** 31)], "is too large"),
     (["--rl", "grpo", "--rl-start", "0", "--grpo-eta", "0"], "--grpo-eta 0.0"),  # no log-prob: GRPO would not move
 ])
 def test_bad_input_one_line_error(args, message, prompt_file, tmp_path, monkeypatch):
@@ -284,7 +287,7 @@ def test_bad_input_one_line_error(args, message, prompt_file, tmp_path, monkeypa
     if "LATIN1" in args:
         (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
         args = [a.replace("LATIN1", str(tmp_path / "latin1.txt")) for a in args]
-    if "AFILE" in args:
+    if any("AFILE" in a for a in args):
         (tmp_path / "afile").write_text("")
         args = [a.replace("AFILE", str(tmp_path / "afile")) for a in args]
     if "BROKEN" in args:
@@ -335,6 +338,23 @@ def test_help_explains_every_flag(capsys):
 # ---------------------------------------------------------------------------------------------------
 # Pure functions: the same numbers as toy/ on the same inputs
 # ---------------------------------------------------------------------------------------------------
+def test_frechet_distance_closed_form_under_an_affine_map():
+    """b = 2a + 1: C_b = 4 C_a, so FD = |mu_a - mu_b|^2 + tr(C + 4C - 2 * 2C) = |mu_a + 1|^2 + tr(C_a)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 5, generator=g, dtype=torch.float64)
+    expected = ((a.mean(0) + 1) ** 2).sum() + torch.cov(a.T).trace()
+    assert dmdr.frechet_distance(a, 2 * a + 1) == pytest.approx(expected.item(), rel=1e-6)
+    assert dmdr.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("scale", [dmdr.dynadg_scale, toy_dmdr.dynadg_scale], ids=["dmdr", "toy"])
+def test_dynadg_is_the_cosine_decay_of_e10(scale):
+    """E10's shape, pinned in both files (their equality alone would pass any decay they shared)."""
+    for s, c in ((0, 1.0), (2500, 0.5 * (1 + math.sqrt(0.5))), (5000, 0.5), (7500, 0.5 * (1 - math.sqrt(0.5))),
+                 (10000, 0.0), (12000, 0.0)):
+        assert scale(s, 0.75, 10000) == pytest.approx(0.75 * c, abs=1e-12)
+
+
 def test_dmd_loss_matches_toy_and_its_gradient_is_the_normalised_x0_difference():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
@@ -634,6 +654,36 @@ def test_grpo_loss_uses_group_normalised_advantages(lora_models, monkeypatch):
     monkeypatch.setattr(dmdr, "clipped_surrogate", lambda lp, old, adv, c: seen.append(adv) or real(lp, old, adv, c))
     dmdr.grpo_loss(m, cfg, emb, PROMPTS[:2])
     torch.testing.assert_close(seen[0], toy_redif.grpo_advantages(rewards.view(2, 3)).view(-1))
+
+
+def test_the_grpo_step_explores_at_grpo_eta(lora_models, monkeypatch):
+    """E1: the policy's std is eta x DDIM's sigma, so --grpo-eta 0.25 gives a quarter of eta 1's std."""
+    m, stds, step = lora_models, {}, dmdr.ddim_step_with_logprob
+    monkeypatch.setattr(dmdr, "reward_fn", lambda *args: torch.tensor([0.1, 0.5, 0.3, 2.0]))
+    for eta in (1.0, 0.25):
+        def spy(*args, eta_in_force=eta, **kwargs):  # the std of the step GRPO takes at this --grpo-eta
+            out = step(*args, **kwargs)
+            stds[eta_in_force] = out[3]
+            return out
+        monkeypatch.setattr(dmdr, "ddim_step_with_logprob", spy)
+        cfg = dataclasses.replace(dmdr.parse_args(["--teacher", "tiny"]), grpo_group=2, grpo_eta=eta)
+        dmdr.grpo_loss(m, cfg, dmdr.encode_prompts(m, PROMPTS[:2]), PROMPTS[:2])
+    assert stds[1.0].max() > 0
+    torch.testing.assert_close(stds[0.25], 0.25 * stds[1.0])
+
+
+def test_the_generator_step_applies_the_clipped_gradient(lora_models):
+    """AdamW is scale-invariant, so only the gradient it is handed shows --max-grad-norm: norm <= the limit."""
+    m = lora_models
+    opt_g = torch.optim.AdamW(list(dmdr.generator_params(m).values()), lr=0.0)
+    norms = []
+    opt_g.register_step_pre_hook(lambda opt, args, kwargs: norms.append(torch.cat(
+        [p.grad.flatten() for p in opt.param_groups[0]["params"] if p.grad is not None]).norm().item()))
+    cfg = dataclasses.replace(dmdr.parse_args(["--teacher", "tiny"]), rl="none", max_grad_norm=1e-7, batch_size=2)
+    torch.manual_seed(0)
+    dmdr.generator_update(m, cfg, opt_g, 0, PROMPTS[:2])
+    opt_g.zero_grad(set_to_none=True)
+    assert len(norms) == 1 and 0 < norms[0] <= 1e-7 * (1 + 1e-4)
 
 
 def test_grpo_runs_one_unet_call_per_group_with_the_gradient_of_the_whole_group(lora_models, monkeypatch):

@@ -421,6 +421,38 @@ def test_advantages_are_clipped_to_adv_clip_max(workdir, monkeypatch):
     assert seen and seen[0].abs().max().item() == pytest.approx(0.5)
 
 
+def rollout_and_step_gradients(workdir, *flags):
+    """rl_update on 4 fixed rollouts with lr 0 (the student stays put) -> the gradient of each optimiser step."""
+    cfg, models, rm, weights, cache, optimizer, prompts = tiny_trainer(workdir, "--lr", "0", *flags)
+    cond = redif.encode_prompts(models, ["a photo of a cat"] * 2 + ["a red car on a road"] * 2)
+    x_T = redif.initial_noise([0, 0, 1, 1], models.latent_size, models.device)
+    rollout = redif.sample_student(models, x_T, cond, cfg.eta, torch.Generator().manual_seed(0)) + (cond,)
+    seen = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(
+        torch.cat([p.grad.flatten() for p in opt.param_groups[0]["params"]])))
+    redif.rl_update(models, optimizer, rollout, torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.Generator().manual_seed(0))
+    return seen
+
+
+def test_rl_update_steps_inner_epochs_times_minibatches(workdir):
+    for epochs, minibatches in ((3, 2), (2, 1)):
+        steps = rollout_and_step_gradients(workdir, "--inner-epochs", str(epochs), "--minibatches", str(minibatches))
+        assert len(steps) == epochs * minibatches
+
+
+def test_the_train_batch_split_is_memory_not_training(workdir):
+    """A minibatch's gradient is the mean over its rollouts whether they are recomputed at once or in chunks of
+    --train-batch (3: chunks of 3 and 1, each weighted by its share). Unclipped: the hook sees the clipped one."""
+    def gradient(train_batch):
+        return rollout_and_step_gradients(workdir, "--minibatches", "1", "--train-batch", train_batch,
+                                          "--max-grad-norm", "1e9")
+    (whole,) = gradient("4")
+    assert whole.abs().max() > 0
+    for train_batch in ("1", "3"):
+        (split,) = gradient(train_batch)
+        assert ((split - whole).norm() / whole.norm()).item() < 1e-4  # float32 kernels differ by batch shape
+
+
 def test_kl_reference_is_the_student_as_rl_starts_not_the_pre_bc_teacher(workdir):
     """E6 after E7: the first RL minibatch is evaluated before any RL update, so its KL to the reference is
     exactly 0 only if the reference is the BC'd student (the teacher would give KL > 0: BC moved the LoRA)."""
@@ -951,11 +983,15 @@ def test_bad_inputs(workdir, monkeypatch):
                           (["--eta", "nan"], "--eta nan is not a finite number"),
                           (["--teacher-guidance", "inf"], "--teacher-guidance inf is not a finite number"),
                           (["--reward", "clip=nan"], "--reward weight clip=nan is not finite"),
-                          (["--seed", str(2 ** 32)], f"--seed {2 ** 32} is out of range")):
+                          (["--seed", str(2 ** 32)], f"--seed {2 ** 32} is out of range"),
+                          (["--teacher-batch", str(2 ** 31)], f"--teacher-batch {2 ** 31} is too large"),
+                          (["--seed-pool", str(10 ** 9 + 1)], "would draw the held-out evaluation seeds")):
         expect_error(tiny + args, message)
     (workdir / "afile").write_text("")
     expect_error(["--teacher", "tiny", "--out", str(workdir / "afile")], "--out", "is a file")
     expect_error(tiny + ["--teacher-cache", str(workdir / "afile")], "--teacher-cache", "is a file")
+    expect_error(["--teacher", "tiny", "--out", str(workdir / "afile" / "run")], "afile is a file")
+    expect_error(["--teacher", "tiny", "--out", ""], "--out is empty")
     (workdir / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     expect_error(tiny + ["--prompts", str(workdir / "latin1.txt")], "is not UTF-8 text")
     (workdir / "empty.txt").write_text("\n  \n")
@@ -994,9 +1030,18 @@ def test_a_run_that_stopped_before_its_first_checkpoint_is_started_afresh(workdi
     out, flags = workdir / "restart", ("--bc-iters", "1", "--iters", "1", "--eval-every", "0", "--reward", "latent=1")
     redif.main(tiny_args(workdir, "restart", *flags, "--profile", "1"))
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl", "prompts.txt"]
+    (out / "samples_000099.png").write_bytes(b"")  # as a run that crashed at iteration 99 would leave
     expect_error(tiny_args(workdir, "restart", *flags, "--resume"), "holds no checkpoint.pt", "without --resume")
     assert redif.main(tiny_args(workdir, "restart", *flags)) == out
     assert [(r["iter"], r["phase"]) for r in read_metrics(out)] == [(0, "eval"), (0, "bc"), (1, "rl"), (2, "eval")]
+    assert sorted(p.name for p in out.glob("samples_*")) == ["samples_000000.png", "samples_000002.png"]
+
+
+def test_a_run_of_no_iterations_is_still_a_run(workdir):
+    """--bc-iters 0 --iters 0 saves the student (the teacher as a K-step sampler) and a checkpoint to resume."""
+    out = redif.main(tiny_args(workdir, "zero", "--bc-iters", "0", "--iters", "0", "--reward", "latent=1"))
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 0 and (out / "student").is_dir()
+    expect_error(tiny_args(workdir, "zero"), "already holds a run", "pass --resume")
 
 
 def test_a_broken_run_folder_is_one_line_on_resume(full_run, workdir, tmp_path):
@@ -1016,6 +1061,29 @@ def test_a_broken_run_folder_is_one_line_on_resume(full_run, workdir, tmp_path):
                  "is not a redif.py checkpoint")
     expect_error(broken("no-config", lambda c: (c / "config.json").unlink()), "config.json is missing or unreadable")
     expect_error(broken("edited", lambda c: None, "--prompts", str(workdir / "other.txt")), "the prompts differ")
+
+    def edit_config(**changes):
+        return lambda c: (c / "config.json").write_text(json.dumps(
+            {**json.loads((c / "config.json").read_text()), **changes}))
+    expect_error(broken("list", lambda c: (c / "config.json").write_text("[]")), "is not a redif.py config")
+    expect_error(broken("dmdr-keys", edit_config(rl="refl")), "is not a redif.py config (rl unknown)")
+    expect_error(broken("typed", edit_config(steps="2", group=2.5)), "values no flag gives: steps='2', group=2.5")
+    expect_error(broken("choice", edit_config(algo="sac")), "values no flag gives: algo='sac'")
+    expect_error(broken("short", lambda c: None, "--iters", "2"), "--iters 2: the run is past it, at iteration 4",
+                 "--iters 3 or more")
+
+
+def test_a_profile_of_a_resumed_run_leaves_its_settings_alone(full_run, tmp_path):
+    """--resume --profile with another --lr times that lr, but the run's config.json (and so its next resume)
+    keeps its own; the profile's metrics line is dropped by the next resume."""
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    before = (run / "config.json").read_text()
+    redif.main(["--out", str(run), "--resume", "--profile", "1", "--lr", "1e-3"])
+    assert (run / "config.json").read_text() == before
+    assert read_metrics(run)[-1]["phase"] == "profile"
+    assert redif.main(["--out", str(run), "--resume"]) == run
+    assert stable(read_metrics(run)) == stable(read_metrics(full_run))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # numpy: the mean of inf losses

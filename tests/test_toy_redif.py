@@ -7,10 +7,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from toy import bench, fake_study
+from toy import baselines, bench, fake_study
 from toy.baselines import (consistency_distillation, consistency_fn, consistency_sample, progressive_distillation,
                            progressive_start_steps)
-from toy.diffusion import DTYPE, GaussianMixture, pretrain_student, student_sample, teacher_sample
+from toy.diffusion import (DTYPE, EpsMLP, GaussianMixture, pretrain_student, student_sample, teacher_sample,
+                           trailing_timesteps)
 from toy.dmdr import ToyDMDRConfig, generate, train_dmdr
 from toy.redif import (PerPromptStatTracker, ToyReDiFConfig, alignment_error, alignment_reward, behaviour_cloning,
                        clipped_surrogate, gaussian_kl, grpo_advantages, semantic_embed, teacher_pairs,
@@ -274,6 +275,68 @@ def test_consistency_distillation_beats_the_untrained_student(data, student, hel
 # ---------------------------------------------------------------------------------------------------
 # The benchmark, on tiny settings
 # ---------------------------------------------------------------------------------------------------
+def test_sliced_w2_is_zero_for_a_permutation_and_the_shift_for_a_translate():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 2, generator=g, dtype=DTYPE)
+    assert bench.sliced_w2(x, x[torch.randperm(400, generator=g)]) == pytest.approx(0.0, abs=1e-12)
+    d = torch.tensor([3.0, -4.0], dtype=DTYPE)  # each projection shifts by d.u: SW2 = sqrt(E_u (d.u)^2) ~ |d|/sqrt 2
+    assert bench.sliced_w2(x, (x + d)[torch.randperm(400, generator=g)]) == pytest.approx(5 / math.sqrt(2), rel=0.15)
+
+
+def test_mmd_is_zero_on_equal_sets_and_closed_form_on_two_points():
+    x = torch.randn(50, 2, dtype=DTYPE, generator=torch.Generator().manual_seed(0))
+    assert bench.mmd_rbf(x, x.flip(0)) == pytest.approx(0.0, abs=1e-6)
+    a, b, h = torch.zeros(3, 2, dtype=DTYPE), torch.ones(3, 2, dtype=DTYPE), 0.7  # point masses |a - b|^2 = 2 apart
+    assert bench.mmd_rbf(a, b, h) == pytest.approx(math.sqrt(2 - 2 * math.exp(-2 / (2 * h**2))), rel=1e-9)
+
+
+def test_on_support_of_the_data_it_was_fitted_on_is_its_mass():
+    data = GaussianMixture()
+    x, _ = data.sample(4000, generator=torch.Generator().manual_seed(0))
+    threshold = bench.support_threshold(data, x)
+    assert bench.on_support(data, x, threshold) == pytest.approx(0.99, abs=2e-3)
+    assert bench.on_support(data, torch.full((10, 2), 50.0, dtype=DTYPE), threshold) == 0.0
+
+
+def untrained_student():
+    torch.manual_seed(0)
+    return EpsMLP(GaussianMixture().num_modes)
+
+
+def test_progressive_distillation_student_lands_where_two_teacher_steps_land(monkeypatch):
+    """Every PD loss: the teacher steps t -> t_mid -> t_next on the 2n grid, the student t -> t_next on the n grid."""
+    calls, step = [], baselines.ddim_step
+    monkeypatch.setattr(baselines, "ddim_step", lambda eps, t, t_prev, x: calls.append(
+        (torch.as_tensor(t).clone(), torch.as_tensor(t_prev).clone())) or step(eps, t, t_prev, x))
+    progressive_distillation(GaussianMixture(), untrained_student(), 2, iters_per_stage=1, batch=16, min_start=8)
+    assert len(calls) == 3 * 2  # stages 8 -> 4 -> 2, one loss each, three steps per loss
+    for stage, n in enumerate((4, 2)):
+        (t1, m1), (t2, m2), (ts, ns) = calls[3 * stage:3 * stage + 3]
+        fine = torch.cat([trailing_timesteps(2 * n), torch.tensor([-1])]).tolist()
+        assert torch.equal(m1, t2) and torch.equal(ts, t1) and torch.equal(ns, m2)  # student: t -> t_next
+        for a, b, c in zip(t1.tolist(), m1.tolist(), m2.tolist()):
+            i = fine.index(a)
+            assert i % 2 == 0 and fine[i + 1] == b and fine[i + 2] == c  # a step of the n grid = two of the 2n grid
+
+
+def test_consistency_distillation_target_is_the_ema_of_the_student():
+    """After one iteration Adam's first step has moved each weight with a gradient by lr, so the EMA target has
+    moved by (1 - mu) lr (mu = 0.95), not mu lr."""
+    init, lr, ema = untrained_student(), 5e-4, 0.95
+    target = consistency_distillation(GaussianMixture(), init, iters=1, batch=64, lr=lr, ema=ema)
+    moved = torch.cat([(a - b).abs().flatten() for a, b in zip(target.parameters(), init.parameters())])
+    assert moved.max().item() == pytest.approx((1 - ema) * lr, rel=2e-2)
+
+
+def test_consistency_sampling_applies_f_at_each_grid_time(monkeypatch):
+    seen, f = [], baselines.consistency_fn
+    monkeypatch.setattr(baselines, "consistency_fn", lambda model, x, t, labels, guidance=None: seen.append(
+        int(torch.as_tensor(t).reshape(-1)[0])) or f(model, x, t, labels, guidance))
+    x_T = torch.randn(4, 2, dtype=DTYPE, generator=torch.Generator().manual_seed(0))
+    consistency_sample(untrained_student(), x_T, torch.zeros(4, dtype=torch.long), 4, torch.Generator())
+    assert seen == [999, 749, 499, 249]
+
+
 def test_bench_smoke(tmp_path):
     cfg = dataclasses.replace(bench.QUICK, ks=(2,), redif_k=2, pretrain_steps=60, eval_size=128, bc_iters=10,
                               redif_iters=2, pd_iters_per_stage=5, cd_iters=10,
