@@ -148,7 +148,7 @@ class Config:
     max_grad_norm: float = flag(10.0, "gradient clipping for both optimisers (DMD2: 10)")
     gradient_checkpointing: bool = flag(False, "recompute activations of the UNets and the VAE in backward")
     compile: bool = flag(False, "torch.compile the UNets' forward (inductor) with channels_last weights; the first "
-                         "iterations compile a few graphs (off by default until measured on a GPU)")
+                         "iterations compile a few graphs (off until measured on a GPU)")
     out: str = flag("runs/dmdr", "output folder")
     device: str = flag("auto", "auto (CUDA if present), cuda or cpu", choices=["auto", "cuda", "cpu"])
     precision: str = flag("auto", "auto: bf16 on CUDA, fp32 on CPU; bf16: frozen weights bf16 under bf16 autocast, "
@@ -168,9 +168,11 @@ def build_parser(defaults=True):
     for f in fields(Config):
         name, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         default = f.default if defaults else argparse.SUPPRESS
-        if f.type in (bool, "bool"):
-            action = "store_true" if f.name == "resume" else argparse.BooleanOptionalAction
-            parser.add_argument(name, action=action, default=default, help=help)
+        if f.type in (bool, "bool") and f.name == "resume":
+            parser.add_argument(name, action="store_true", default=default, help=help)
+        elif f.type in (bool, "bool"):
+            help += f" (default: {'on' if f.default else 'off'})"
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=help)
         else:
             if f.default is not None:  # a None default's help says what None means
                 help += " (default: %(default)s)"

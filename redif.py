@@ -142,7 +142,7 @@ class Config:
     seed: int = flag(0, "seed of everything (LoRA init, prompt and seed draws, eta-noise)")
     gradient_checkpointing: bool = flag(False, "recompute UNet activations in the backward pass (less memory)")
     compile: bool = flag(False, "torch.compile the UNets' forward (inductor) with channels_last weights; the first "
-                         "iterations compile a few graphs (off by default until measured on a GPU)")
+                         "iterations compile a few graphs (off until measured on a GPU)")
     profile: int = flag(0, "profile this many iterations after warm-up (1 iteration, 3 with --compile): seconds per "
                         "phase, UNet evaluations, the H100 floor, peak memory; printed and logged, then exit without "
                         "saving (0: off)")
@@ -156,9 +156,11 @@ def build_parser(defaults=True):
         shown = f.default is not None and f.type is not bool  # a None default's help says what None means
         name, kw = "--" + f.name.replace("_", "-"), dict(help=f.metadata["help"] + " (default: %(default)s)" * shown)
         kw["default"] = f.default if defaults else argparse.SUPPRESS
-        if f.type is bool:
-            action = "store_true" if f.name == "resume" else argparse.BooleanOptionalAction
-            parser.add_argument(name, action=action, **kw)
+        if f.type is bool and f.name == "resume":
+            parser.add_argument(name, action="store_true", **kw)
+        elif f.type is bool:
+            kw["help"] += f" (default: {'on' if f.default else 'off'})"
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
         else:
             parser.add_argument(name, type=f.type, choices=f.metadata.get("choices"), **kw)
     return parser
