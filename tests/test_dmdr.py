@@ -520,6 +520,47 @@ def test_the_fake_score_learns_every_generator_step_at_dynars_times(prompt_file,
     assert set(torch.cat(ks).tolist()) == {0, 1}
 
 
+def test_saved_lcm_scheduler_passes_the_generators_x0_through_at_every_supported_k(tmp_path):
+    """D19: the saved LCMScheduler must make denoised = c_out * x0_pred + c_skip * x_t equal x0_pred, i.e.
+    c_skip ~ 0 and c_out ~ 1 at every timestep of every K-step trailing grid (timestep_scaling large). With
+    diffusers' default timestep_scaling=10, c_skip(999) = 0.25 / 9990^2 = 2.5e-9 and it grows to 7e-6 at K=50:
+    a stock pipeline would then no longer be the generator's own sampler. (Samples of the tiny test teacher at
+    K=2 cannot show a 1e-8 drift, so the config is checked in closed form.)"""
+    from diffusers import LCMScheduler
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\n")
+    cfg = dmdr.parse_args(["--teacher", "tiny", "--device", "cpu", "--prompts", str(prompts), "--steps", "2",
+                           "--generator", "lora", "--out", str(tmp_path / "run")])
+    m = dmdr.build_models(cfg, torch.device("cpu"))
+    dmdr.save_generator(m, cfg, tmp_path / "generator")
+    sched = LCMScheduler.from_pretrained(tmp_path / "generator", subfolder="scheduler")
+    for k in (1, 2, 4, 8, 50):
+        sched.set_timesteps(k)
+        assert sched.timesteps.tolist() == dmdr.trailing_timesteps(k).tolist()
+        for t in sched.timesteps.tolist():
+            c_skip, c_out = sched.get_scalings_for_boundary_condition_discrete(t)
+            assert float(c_skip) < 1e-12 and abs(float(c_out) - 1) < 1e-12, (k, t, c_skip, c_out)
+
+
+def test_the_fake_step_applies_the_clipped_gradient(tmp_path):
+    """D17: as for the generator (test_the_generator_step_applies_the_clipped_gradient), the fake score's AdamW
+    must be handed a gradient of norm <= --max-grad-norm (AdamW is scale-invariant: only the gradient shows it)."""
+    prompts = ["a cat", "a dog", "a bird", "a tree"]
+    path = tmp_path / "p.txt"
+    path.write_text("\n".join(prompts) + "\n")
+    cfg = dmdr.parse_args(["--teacher", "tiny", "--device", "cpu", "--prompts", str(path), "--steps", "2",
+                           "--generator", "lora", "--batch-size", "2", "--fake-updates", "2",
+                           "--max-grad-norm", "1e-7", "--out", str(tmp_path / "run")])
+    m = dmdr.build_models(cfg, torch.device("cpu"))
+    opt_f = torch.optim.AdamW(dmdr.lora_params(m.unet, "fake"), lr=0.0)
+    norms = []
+    opt_f.register_step_pre_hook(lambda opt, args, kwargs: norms.append(torch.cat(
+        [p.grad.flatten() for p in opt.param_groups[0]["params"] if p.grad is not None]).norm().item()))
+    torch.manual_seed(0)
+    dmdr.fake_updates(m, cfg, opt_f, 0, prompts)
+    assert len(norms) == 2 and all(0 < n <= 1e-7 * (1 + 1e-4) for n in norms), norms
+
+
 def test_backward_simulation_per_sample_k_shares_unet_calls(prompt_file, tmp_path):
     """Backward simulation with a k per sample: row i is what a batch whose every k is k_i gives (same seed),
     and that is the plain rollout of k_i steps then step k_i's x0; the samples still running share one UNet call

@@ -453,6 +453,68 @@ def test_the_train_batch_split_is_memory_not_training(workdir):
         assert ((split - whole).norm() / whole.norm()).item() < 1e-4  # float32 kernels differ by batch shape
 
 
+def test_teacher_cache_reaches_a_level_between_teacher_steps_by_the_ddim_jump(tmp_path):
+    """R05: with K=3 student steps on a 4-step teacher grid the student levels 666 and 333 fall between teacher
+    timesteps (749 > 666 > 499, 499 > 333 > 249): the cached state there is the eta-0 DDIM jump from the
+    timestep above with that step's guided eps, x_l = sqrt(ab_l) x0_hat + sqrt(1 - ab_l) eps; checked against
+    diffusers' DDIMScheduler for the teacher's own states and the closed-form jump."""
+    (tmp_path / "prompts.txt").write_text("a photo of a cat\n\na red car on a road\n")
+    cfg = redif.parse_args(["--teacher", "tiny", "--device", "cpu", "--resolution", "8", "--steps", "3",
+                            "--teacher-steps", "4", "--group", "2", "--prompts-per-iter", "2", "--seed-pool", "2",
+                            "--eval-pairs", "4", "--prompts", str(tmp_path / "prompts.txt"),
+                            "--teacher-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")])
+    redif.validate(cfg)
+    pipe = redif.load_pipeline(cfg)
+    models = redif.setup_models(cfg, pipe, torch.device("cpu"))
+    cache = redif.TeacherCache(tmp_path / "cache", models)
+    assert cache.levels == [999, 666, 333, -1]
+    states = cache.sample(["a photo of a cat"], [0])
+    sched = pipe.scheduler
+    sched.set_timesteps(4)
+    assert sched.timesteps.tolist() == [999, 749, 499, 249]
+    ab = sched.alphas_cumprod
+    cond = redif.encode_prompts(models, ["", "a photo of a cat"])
+    x, jumps = states[:, 0], {}
+    with redif.frozen_teacher(models) as unet, torch.no_grad():
+        for t, level in zip(sched.timesteps, [None, 666, 333, None]):
+            out_u, out_c = unet(torch.cat([x, x]), t, cond).sample.chunk(2)
+            eps = out_u + cfg.teacher_guidance * (out_c - out_u)
+            if level is not None:
+                x0 = (x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()
+                jumps[level] = ab[level].sqrt() * x0 + (1 - ab[level]).sqrt() * eps
+            x = sched.step(eps, t, x, eta=0.0).prev_sample
+    torch.testing.assert_close(states[0, 1], jumps[666][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(states[0, 2], jumps[333][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(states[0, 3], x[0], rtol=1e-4, atol=1e-4)
+
+
+def test_rl_update_shuffles_rollouts_into_minibatches_with_its_generator(monkeypatch):
+    """R07: each inner epoch splits the rollouts into --minibatches by a fresh permutation drawn from the run's
+    generator (DDPO), not in rollout order (which would put whole groups of one prompt in one minibatch, the same
+    ones every epoch). Stubbed loss: only which rows each minibatch holds is checked."""
+    import types
+    B, seen, minibatches = 8, [], []
+    cfg = types.SimpleNamespace(inner_epochs=3, minibatches=2, train_batch=2, steps=1)
+    models = types.SimpleNamespace(cfg=cfg, student=torch.nn.Linear(1, 1))
+
+    def step(models_, latents, old, adv, cond, k, t, t_prev):
+        seen.extend(old[:, 0].long().tolist())
+        return torch.zeros((), requires_grad=True), dict(loss=0.0, kl=0.0, approx_kl=0.0, clipfrac=0.0, ratio_err=0.0)
+
+    def opt_step(models_, optimizer):
+        minibatches.append(sorted(seen))
+        seen.clear()
+        return True
+    monkeypatch.setattr(redif, "policy_loss_step", step)
+    monkeypatch.setattr(redif, "optimiser_step", opt_step)
+    rollout = (torch.zeros(B, 2, 1), torch.arange(B, dtype=torch.float).view(B, 1), torch.zeros(B, 1))
+    redif.rl_update(models, None, rollout, torch.zeros(B), torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    expected = [sorted(c.tolist()) for _ in range(3) for c in torch.randperm(B, generator=g).chunk(2)]
+    assert minibatches == expected
+    assert minibatches[0] != list(range(B // 2))  # the permutation is not the identity: the check has teeth
+
+
 def test_kl_reference_is_the_student_as_rl_starts_not_the_pre_bc_teacher(workdir):
     """E6 after E7: the first RL minibatch is evaluated before any RL update, so its KL to the reference is
     exactly 0 only if the reference is the BC'd student (the teacher would give KL > 0: BC moved the LoRA)."""
