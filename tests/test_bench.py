@@ -54,6 +54,20 @@ def test_floor_here_costs_each_kind_at_its_own_rate():
     assert sd_profile.floor_here(counts, costs, "full", checkpointing=True) == 4321 + (2 + 3) * 1 + 5 * 1000
 
 
+@pytest.mark.parametrize("script, saved", [("dmdr", "generator"), ("redif", "student")])
+def test_a_saved_model_without_its_checkpoint_is_never_overwritten(script, saved, tmp_path):
+    """D26 / R10: a folder holding a finished generator/ (dmdr) or student/ (redif) whose checkpoint.pt was
+    deleted to save space is still a run: a fresh run there is refused, not started over it."""
+    mod = {"dmdr": dmdr, "redif": redif}[script]
+    out = tmp_path / "run"
+    (out / saved).mkdir(parents=True)
+    cfg = mod.parse_args(["--out", str(out), "--teacher", "tiny"])
+    with pytest.raises(SystemExit, match="already holds a run"):
+        mod.check_out_dir(cfg, out)
+    (out / saved).rmdir()
+    mod.check_out_dir(cfg, out)  # an empty folder is fine: the check has teeth
+
+
 def test_train_summary_reports_the_last_evaluation_and_the_worst_first_minibatch_ratio():
     rows = [{"iter": 0, "phase": "eval", "eval_reward": 0.1}, {"iter": 0, "phase": "rl", "ratio_err_first": 2e-4,
             "clipfrac_first": 0.5}, {"iter": 1, "phase": "rl", "ratio_err_first": 3e-5, "clipfrac_first": 0.0},

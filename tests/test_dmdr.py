@@ -561,6 +561,27 @@ def test_the_fake_step_applies_the_clipped_gradient(tmp_path):
     assert len(norms) == 2 and all(0 < n <= 1e-7 * (1 + 1e-4) for n in norms), norms
 
 
+@pytest.mark.parametrize("flag, old, new", [("--steps", "2", "4"), ("--rl", "none", "dpo"),
+                                            ("--batch-size", "2", "3"), ("--seed", "3", "4")])
+def test_resume_refuses_a_setting_that_shapes_training(flag, old, new, tmp_path):
+    """D28: a --resume that changes K, the RL branch, the batch or the seed is not the same run: refused in one
+    line naming the setting (only RESUME_FREE settings may change)."""
+    path = tmp_path / "p.txt"
+    path.write_text("a cat\na dog\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    base = ["--teacher", "tiny", "--device", "cpu", "--prompts", str(path), "--out", str(out), "--steps", "2",
+            "--batch-size", "2", "--seed", "3", "--rl", "none"]
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(dmdr.parse_args(base))))
+    argv = ["--out", str(out), "--resume", flag, new]
+    name = flag[2:].replace("-", "_")
+    with pytest.raises(SystemExit, match=f"--resume with different settings: {name}"):
+        dmdr.resume_config(dmdr.parse_args(argv), dmdr.given_flags(argv), out)
+    same = ["--out", str(out), "--resume", flag, old]  # the run's own value is no change
+    assert getattr(dmdr.resume_config(dmdr.parse_args(same), dmdr.given_flags(same), out), name) == \
+        type(getattr(dmdr.parse_args(base), name))(old)
+
+
 def test_backward_simulation_per_sample_k_shares_unet_calls(prompt_file, tmp_path):
     """Backward simulation with a k per sample: row i is what a batch whose every k is k_i gives (same seed),
     and that is the plain rollout of k_i steps then step k_i's x0; the samples still running share one UNet call

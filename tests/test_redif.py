@@ -515,6 +515,24 @@ def test_rl_update_shuffles_rollouts_into_minibatches_with_its_generator(monkeyp
     assert minibatches[0] != list(range(B // 2))  # the permutation is not the identity: the check has teeth
 
 
+def test_logged_bc_loss_is_the_mean_over_steps_and_rows(monkeypatch):
+    """R13: bc_update's logged bc_loss is the MSE averaged over the K steps and all rows (what it trains on),
+    here with a stub policy whose eta-0 mean is the state itself: mean_k MSE(state_k, state_{k+1}) in closed
+    form, whatever --train-batch splits the rows into."""
+    import types
+    P, K = 5, 3
+    states = torch.randn(P, K + 1, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    w = torch.zeros((), requires_grad=True)
+    monkeypatch.setattr(redif, "policy_step", lambda models, unet, x, t, t_prev, cond, eta: (None, None, x + w))
+    monkeypatch.setattr(redif, "optimiser_step", lambda models, optimizer: True)
+    expected = sum(((states[:, k] - states[:, k + 1]) ** 2).mean() for k in range(K)).item() / K
+    for train_batch in (5, 2):
+        models = types.SimpleNamespace(cfg=types.SimpleNamespace(steps=K, train_batch=train_batch),
+                                       student=torch.nn.Linear(1, 1))
+        out = redif.bc_update(models, None, states, torch.zeros(P, 1))
+        assert out["bc_loss"] == pytest.approx(expected, rel=1e-5) and out["nonfinite_steps"] == 0
+
+
 def test_kl_reference_is_the_student_as_rl_starts_not_the_pre_bc_teacher(workdir):
     """E6 after E7: the first RL minibatch is evaluated before any RL update, so its KL to the reference is
     exactly 0 only if the reference is the BC'd student (the teacher would give KL > 0: BC moved the LoRA)."""
