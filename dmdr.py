@@ -291,10 +291,9 @@ THIS_PROCESS = {"out", "device", "profile", "resume"}  # where and how this proc
 
 def fits(value, f):
     """Whether a value read from config.json is one the flag could have given."""
-    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(str(f.type), f.type)
-    if value is None or isinstance(value, bool) != (kind is bool):
+    if value is None or isinstance(value, bool) != (f.type is bool):
         return value is None and f.default is None
-    ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+    ok = isinstance(value, (int, float)) if f.type is float else isinstance(value, f.type)
     return ok and value in f.metadata.get("choices", [value])
 
 
