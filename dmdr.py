@@ -1177,11 +1177,19 @@ def generator_state(m):
 def atomic_write(path, obj):
     """Temp file, fsync, rename: a crash mid-write never leaves a broken file (obj: str, or for torch.save)."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w" if isinstance(obj, str) else "wb") as f:
-        f.write(obj) if isinstance(obj, str) else torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w" if isinstance(obj, str) else "wb") as f:
+            f.write(obj) if isinstance(obj, str) else torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # a full disk, a second Ctrl-C: no stray temp file (a checkpoint's can be GBs)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            fail(f"could not write {path}: {e.strerror or e}", "free disk space or fix permissions, then run again; "
+                 "the files there are intact, and --resume continues from the last checkpoint")
+        raise
 
 
 def parse_json(line):
@@ -1192,11 +1200,12 @@ def parse_json(line):
 
 
 def save_checkpoint(path, m, opt_g, opt_f, step):
+    # CUDA: the GPU in use only (get_rng_state_all would tie the checkpoint to the number of GPUs visible)
     state = {"step": step, "generator": generator_state(m), "dpo_ref": m.dpo_ref,
              "fake": {n: p.detach().clone() for n, p in m.unet.named_parameters() if ".fake." in n},
              "opt_g": opt_g.state_dict(), "opt_f": opt_f.state_dict(),
              "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+                     "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
     atomic_write(path, state)
 
 
@@ -1227,7 +1236,7 @@ def load_checkpoint(path, m, opt_g, opt_f):
     random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"].cpu())
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
     return state["step"]
 
 
@@ -1258,6 +1267,7 @@ def save_generator(m, cfg, folder):
     pipe.save_pretrained(tmp)  # then swapped in: a crash never leaves a half-written generator folder
     if lora is not None:  # the LoRA alone too (MBs), for load_lora_weights on the teacher (alpha = r: scale 1)
         StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora)
+    shutil.rmtree(old, ignore_errors=True)  # left by a crash between the two renames below of an earlier save
     if Path(folder).exists():
         os.replace(folder, old)
     os.replace(tmp, folder)
@@ -1312,12 +1322,19 @@ def main(argv=None):
         return profile(m, cfg, opt_g, opt_f, step, train_prompts, metrics_path)
 
     stop = []  # the first signal: finish the iteration, checkpoint, exit (exactly resumable); a second aborts
+
     def on_signal(signum, frame):
         if stop:
             raise KeyboardInterrupt
         stop.append(signum)
+        print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint (Ctrl-C again "
+              "to abort)", file=sys.stderr)
+
     # Ctrl-C, and SIGTERM: what timeout, SLURM's preemption and docker stop send
-    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    # (a signal set to be ignored stays so: bash starts a background `&` job with SIGINT ignored, so that the
+    # terminal's Ctrl-C leaves it running; Python itself keeps such a SIGINT ignored)
+    handled = [sig for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not signal.SIG_IGN
+               and threading.current_thread() is threading.main_thread()]
     old_handlers = {sig: signal.signal(sig, on_signal) for sig in handled}
     cache, saved = {}, step if cfg.resume else None  # saved: the iteration of the checkpoint on disk
     try:
@@ -1335,7 +1352,8 @@ def main(argv=None):
                 save_checkpoint(ckpt, m, opt_g, opt_f, step + 1)
                 saved = step + 1
             if stop:  # a non-zero status: no generator was written, so `dmdr.py ... && next-step` stops here
-                print(f"interrupted: checkpoint at iteration {step + 1} in {ckpt} (continue with --resume)")
+                print(f"interrupted: checkpoint at iteration {step + 1} in {ckpt} (continue with --resume)",
+                      file=sys.stderr)
                 raise SystemExit(128 + stop[0])
         save_generator(m, cfg, out / "generator")
         print(f"done: generator in {out / 'generator'}, metrics in {metrics_path}")
@@ -1345,7 +1363,8 @@ def main(argv=None):
              else "lower --lr/--fake-lr and start afresh (no checkpoint yet: one every --save-every)")
     except KeyboardInterrupt:  # a second signal: stop now, mid-iteration; the last checkpoint stays
         print(f"aborted in iteration {step + 1}; " + (f"{ckpt} (iteration {saved}) continues with --resume"
-                                                     if saved is not None else "no checkpoint was saved"))
+                                                     if saved is not None else "no checkpoint was saved"),
+              file=sys.stderr)
         raise SystemExit(130)
     finally:
         for sig, handler in old_handlers.items():

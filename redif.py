@@ -531,11 +531,19 @@ def atomic_write(path, obj):
     """Write a temp file, fsync, rename: a crash or a concurrent run never leaves a half-written file (without the
     fsync a crash soon after the rename can leave an empty one on some file systems). obj: str, or for torch.save."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w" if isinstance(obj, str) else "wb") as fh:
-        fh.write(obj) if isinstance(obj, str) else torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w" if isinstance(obj, str) else "wb") as fh:
+            fh.write(obj) if isinstance(obj, str) else torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # a full disk, a second Ctrl-C: no stray temp file (a checkpoint's can be GBs)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            fail(f"could not write {path}: {e.strerror or e}", "free disk space or fix permissions, then run again; "
+                 "the files there are intact, and --resume continues from the last checkpoint")
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1015,8 +1023,9 @@ def profile_table(r, sec, device):
 # Checkpoints, the saved student, input checks and the loop
 # ---------------------------------------------------------------------------------------------------
 def save_checkpoint(path, step, models, optimizer, tracker, nan_state):
+    # CUDA: the GPU in use only (get_rng_state_all would tie the checkpoint to the number of GPUs visible)
     rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+               cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
     reference = None if models.reference is None else {n: t.cpu() for n, t in models.reference.items()}
     atomic_write(path, dict(step=step, trainable=trainable_state(models.student), optimizer=optimizer.state_dict(),
                             reference=reference, tracker=tracker.stats if tracker else None, nan_state=nan_state,
@@ -1043,7 +1052,7 @@ def load_checkpoint(path, models, optimizer, tracker):
     rng = ckpt["rng"]
     random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        torch.cuda.set_rng_state(rng["cuda"])
     return ckpt["step"], ckpt["nan_state"]
 
 
@@ -1399,7 +1408,10 @@ def main(argv=None):
             return profile(models, rm, cache, step, log, lambda s: train_iteration(
                 models, rm, weights, cache, optimizer, tracker, prompts, s, nan_state))
     # Ctrl-C, and SIGTERM: what timeout, SLURM's preemption and docker stop send
-    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    # (a signal set to be ignored stays so: bash starts a background `&` job with SIGINT ignored, so that the
+    # terminal's Ctrl-C leaves it running; Python itself keeps such a SIGINT ignored)
+    handled = [sig for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not signal.SIG_IGN
+               and threading.current_thread() is threading.main_thread()]
     old_handlers = {sig: signal.signal(sig, on_signal) for sig in handled}
     saved = step if cfg.resume else None  # the iteration count of the checkpoint on disk
     try:

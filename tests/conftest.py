@@ -1,5 +1,6 @@
 import logging
 import os
+import signal
 import sys
 
 import pytest
@@ -74,3 +75,12 @@ def modeling_log():
     log.addHandler(handler)
     yield log, records
     log.removeHandler(handler)
+
+
+@pytest.fixture(autouse=True)
+def sigint_raises_keyboard_interrupt():
+    """Tests that press Ctrl-C (raise SIGINT) need Python's default handler, which a shell script's background
+    job (`pytest &`) starts without: bash sets such a job's SIGINT to ignored, and the scripts keep it so."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -68,6 +68,26 @@ def test_a_saved_model_without_its_checkpoint_is_never_overwritten(script, saved
     mod.check_out_dir(cfg, out)  # an empty folder is fine: the check has teeth
 
 
+@pytest.mark.parametrize("script", ["dmdr", "redif"])
+@pytest.mark.parametrize("obj", ["text", "tensors"])
+def test_a_failed_write_keeps_the_old_file_leaves_no_temp_file_and_says_so_in_one_line(script, obj, tmp_path,
+                                                                                          monkeypatch):
+    """A full disk (or a read-only folder) while a checkpoint, config or metrics file is written: the previous
+    file stays whole, the temp file (GBs for a full fine-tune's checkpoint) is removed, and one line names the fix."""
+    mod = {"dmdr": dmdr, "redif": redif}[script]
+    path = tmp_path / "checkpoint.pt"
+    path.write_text("the last good checkpoint")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(SystemExit) as stopped:
+        mod.atomic_write(path, "new" if obj == "text" else {"x": torch.zeros(3)})
+    assert str(stopped.value).startswith(f"error: could not write {path}: No space left on device (fix: free disk")
+    assert "\n" not in str(stopped.value)
+    assert path.read_text() == "the last good checkpoint" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 def test_train_summary_reports_the_last_evaluation_and_the_worst_first_minibatch_ratio():
     rows = [{"iter": 0, "phase": "eval", "eval_reward": 0.1}, {"iter": 0, "phase": "rl", "ratio_err_first": 2e-4,
             "clipfrac_first": 0.5}, {"iter": 1, "phase": "rl", "ratio_err_first": 3e-5, "clipfrac_first": 0.0},

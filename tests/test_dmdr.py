@@ -146,13 +146,13 @@ def test_ctrl_c_checkpoints_and_resume_is_exact(runs, prompt_file, tmp_path, mon
             os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during iteration 1
         return real(m, cfg, opt_f, step, prompts)
     monkeypatch.setattr(dmdr, "fake_updates", interrupted)
+    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     with pytest.raises(SystemExit) as stopped:
         dmdr.main(tiny_args(prompt_file, tmp_path, "none", 5))
     assert stopped.value.code == 130  # 128 + SIGINT: no generator was written, a `&&` chain stops
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 1
     assert [r["iter"] for r in read_metrics(tmp_path)] == [1] and not (tmp_path / "generator").exists()
-    assert all(signal.getsignal(s) is h for s, h in ((signal.SIGINT, signal.default_int_handler),
-                                                    (signal.SIGTERM, signal.SIG_DFL)))  # handlers restored
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before  # handlers restored
     dmdr.main(["--out", str(tmp_path), "--resume", "--iters", "2"])  # the other settings from config.json
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("sec_")} for r in rows]  # noqa: E731
     assert strip(read_metrics(tmp_path)) == strip(read_metrics(runs["none"]))
@@ -164,6 +164,46 @@ def test_ctrl_c_checkpoints_and_resume_is_exact(runs, prompt_file, tmp_path, mon
     for key in ("opt_g", "opt_f"):
         a, b = ours[key]["state"], theirs[key]["state"]
         assert a.keys() == b.keys() and all(torch.equal(a[i][n], b[i][n]) for i in a for n in a[i]), key
+
+
+def test_sigterm_checkpoints_and_an_ignored_sigint_stays_ignored(prompt_file, tmp_path, monkeypatch, capsys):
+    """SIGTERM (timeout, SLURM, docker stop) in iteration 1 -> checkpoint at 1, status 128 + 15, one line saying
+    so. A SIGINT that was ignored when the run started (a shell script's background job) stays ignored."""
+    real = dmdr.fake_updates
+
+    def signalled(m, cfg, opt_f, step, prompts):
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.raise_signal(signal.SIGINT)  # ignored: no effect
+        signal.raise_signal(signal.SIGTERM)
+        return real(m, cfg, opt_f, step, prompts)
+    monkeypatch.setattr(dmdr, "fake_updates", signalled)
+    term = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # conftest's autouse fixture restores it
+    with pytest.raises(SystemExit) as stopped:
+        dmdr.main(tiny_args(prompt_file, tmp_path, "none", 3))
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is term
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (f"interrupted: checkpoint at iteration 1 in "
+                                                        f"{tmp_path / 'checkpoint.pt'} (continue with --resume)")
+
+
+def test_a_second_ctrl_c_aborts_mid_iteration_in_one_line_and_keeps_the_checkpoint(prompt_file, tmp_path,
+                                                                                     monkeypatch, capsys):
+    real = dmdr.fake_updates
+
+    def pressed_twice(m, cfg, opt_f, step, prompts):
+        if step == 1:  # iteration 1 was checkpointed (--save-every 1)
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return real(m, cfg, opt_f, step, prompts)
+    monkeypatch.setattr(dmdr, "fake_updates", pressed_twice)
+    with pytest.raises(SystemExit) as stopped:
+        dmdr.main(tiny_args(prompt_file, tmp_path, "none", 3, "--save-every", "1", "--eval-every", "1000"))
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (f"aborted in iteration 2; {tmp_path / 'checkpoint.pt'} "
+                                                        "(iteration 1) continues with --resume")
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 1
 
 
 def test_a_nan_score_stops_the_run_rather_than_vanishing_in_nan_to_num(prompt_file, tmp_path, monkeypatch):
@@ -542,6 +582,19 @@ def test_saved_lcm_scheduler_passes_the_generators_x0_through_at_every_supported
             assert float(c_skip) < 1e-12 and abs(float(c_out) - 1) < 1e-12, (k, t, c_skip, c_out)
 
 
+def test_a_save_over_the_leftovers_of_a_crashed_save_replaces_them(lora_models, prompt_file, tmp_path):
+    """A crash between save_generator's last rename and its clean-up leaves generator/ and generator.old/ both
+    whole; the next save must still swap in the new generator (os.replace cannot rename onto a full folder)."""
+    cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path / "run", "none"))
+    for stale in (tmp_path / "generator", tmp_path / "generator.old"):
+        stale.mkdir()
+        (stale / "stale.txt").write_text("an earlier save")
+    dmdr.save_generator(lora_models, cfg, tmp_path / "generator")
+    assert [p.name for p in tmp_path.iterdir()] == ["generator"]  # no .old, no .tmp
+    assert (tmp_path / "generator" / "model_index.json").exists()
+    assert not (tmp_path / "generator" / "stale.txt").exists()
+
+
 def test_the_fake_step_applies_the_clipped_gradient(tmp_path):
     """D17: as for the generator (test_the_generator_step_applies_the_clipped_gradient), the fake score's AdamW
     must be handed a gradient of norm <= --max-grad-norm (AdamW is scale-invariant: only the gradient shows it)."""
@@ -779,6 +832,24 @@ def test_grpo_runs_one_unet_call_per_group_with_the_gradient_of_the_whole_group(
     assert max(g.abs().max() for g in ref_grads) > 0
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-8)
+
+
+def test_checkpoint_restores_the_rngs_of_the_gpu_in_use(lora_models, tmp_path, monkeypatch):
+    """The global RNGs come back from a checkpoint; of CUDA's (faked here), the one of the GPU in use, so a run
+    can resume where another number of GPUs is visible."""
+    cuda_rng, restored = torch.arange(16, dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": cuda_rng.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
+    m = lora_models
+    opt_g, opt_f = (torch.optim.AdamW(dmdr.lora_params(m.unet, a)) for a in ("generator", "fake"))
+    torch.manual_seed(5)
+    rng = torch.get_rng_state()
+    dmdr.save_checkpoint(tmp_path / "c.pt", m, opt_g, opt_f, 3)
+    torch.rand(10)
+    assert dmdr.load_checkpoint(tmp_path / "c.pt", m, opt_g, opt_f) == 3
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert len(restored) == 1 and torch.equal(restored[0], cuda_rng)
 
 
 def test_dpo_reference_is_snapshotted_once_and_round_trips(lora_models, prompt_file, tmp_path):

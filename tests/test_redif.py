@@ -134,11 +134,11 @@ def test_a_signal_then_resume_gives_the_same_metrics_and_no_teacher_recompute(fu
     monkeypatch.setattr(redif, "train_iteration", interrupted)
     name = f"resumed{interrupt}"
     out = workdir / name
+    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     with pytest.raises(SystemExit) as stopped:
         redif.main(tiny_args(workdir, name, *RUN_FLAGS))
     assert stopped.value.code == 128 + signum  # no student was written: a `&&` chain stops
-    assert all(signal.getsignal(s) is h for s, h in ((signal.SIGINT, signal.default_int_handler),
-                                                    (signal.SIGTERM, signal.SIG_DFL)))  # handlers restored
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before  # handlers restored
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == interrupt + 1
     assert [r["iter"] for r in read_metrics(out) if r["phase"] != "eval"] == list(range(interrupt + 1))
     monkeypatch.setattr(redif, "train_iteration", original)
@@ -167,6 +167,24 @@ def test_a_second_ctrl_c_aborts_mid_iteration_in_one_line_and_keeps_the_checkpoi
     assert capsys.readouterr().err.splitlines()[-1] == (f"aborted mid-iteration; {out / 'checkpoint.pt'} "
                                                         "(iteration 1) continues with --resume")
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 1
+
+
+def test_an_ignored_sigint_stays_ignored(workdir, monkeypatch):
+    """A background job of a shell script starts with SIGINT ignored (so the terminal's Ctrl-C leaves it running):
+    the run keeps it so, finishes, and the SIGINT handler is still SIG_IGN afterwards."""
+    original = redif.train_iteration
+
+    def pressed(*args, **kwargs):
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.raise_signal(signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(redif, "train_iteration", pressed)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # conftest's autouse fixture restores it
+    out = redif.main(tiny_args(workdir, "ignored", "--bc-iters", "1", "--iters", "1", "--eval-every", "0",
+                               "--reward", "latent=1"))
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2 and (out / "student").is_dir()
 
 
 def test_resume_with_a_lower_lr_after_a_kill_mid_write(workdir, monkeypatch, capsys):
@@ -556,10 +574,15 @@ def test_bc_loss_is_the_mean_squared_error():
     torch.testing.assert_close(a.grad, 2 * (a - b).detach() / a.numel())
 
 
-def test_checkpoint_round_trip_restores_tracker_nan_state_and_rng(workdir, tmp_path):
+def test_checkpoint_round_trip_restores_tracker_nan_state_and_rng(workdir, tmp_path, monkeypatch):
     """What the resume test cannot see with GRPO and no NaNs: PPO's per-prompt statistics, the NaN counters and
-    the global RNG come back from a checkpoint."""
+    the global RNGs come back from a checkpoint; of CUDA's (faked here), the one of the GPU in use, so a run can
+    resume where another number of GPUs is visible."""
     cfg, models, rm, weights, cache, optimizer, prompts = tiny_trainer(workdir, "--reward", "latent=1", "--lr", "3e-4")
+    cuda_rng, restored = torch.arange(16, dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": cuda_rng.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
     tracker = redif.PerPromptStatTracker(4, 2)
     tracker.update(["a", "b", "a"], torch.tensor([1.0, 2.0, 3.0]))
     nan_state = dict(skips=2, streak=1)
@@ -571,6 +594,7 @@ def test_checkpoint_round_trip_restores_tracker_nan_state_and_rng(workdir, tmp_p
     step, loaded = redif.load_checkpoint(tmp_path / "c.pt", models, optimizer, fresh)
     assert step == 5 and loaded == nan_state and fresh.stats == tracker.stats and fresh.stats
     assert torch.equal(torch.get_rng_state(), rng)
+    assert len(restored) == 1 and torch.equal(restored[0], cuda_rng)
 
 
 def test_teacher_cache_holds_the_teacher_trajectory_at_the_students_levels(workdir, full_run):

@@ -290,6 +290,20 @@ def test_mmd_is_zero_on_equal_sets_and_closed_form_on_two_points():
     assert bench.mmd_rbf(a, b, h) == pytest.approx(math.sqrt(2 - 2 * math.exp(-2 / (2 * h**2))), rel=1e-9)
 
 
+def test_mode_coverage_counts_modes_holding_share_of_their_own_weight():
+    """A mode is covered when it holds at least `share` x its own data weight of the samples (the weights are not
+    uniform, so a uniform share would count others): here modes 0-3 hold just above half their weight, 4-7 just
+    below, and mode 0 takes the rest."""
+    data, n = GaussianMixture(), 10_000
+    assert data.mode_of(data.means).tolist() == list(range(data.num_modes))  # a mode's mean is its own
+    counts = [math.floor(0.5 * w * n) + (5 if i < 4 else -5) for i, w in enumerate(data.weights.tolist())]
+    counts[0] += n - sum(counts)
+    x = data.means.repeat_interleave(torch.tensor(counts), dim=0)
+    assert bench.mode_coverage(data, x, share=0.5) == 0.5
+    assert bench.mode_coverage(data, x, share=0.4) == 1.0
+    assert bench.mode_coverage(data, data.means[:1].expand(n, 2), share=0.5) == 1 / data.num_modes
+
+
 def test_on_support_of_the_data_it_was_fitted_on_is_its_mass():
     data = GaussianMixture()
     x, _ = data.sample(4000, generator=torch.Generator().manual_seed(0))
