@@ -36,6 +36,7 @@ import argparse
 import collections
 import contextlib
 import copy
+import errno
 import functools
 import gzip
 import json
@@ -1186,10 +1187,23 @@ def atomic_write(path, obj):
     except BaseException as e:  # a full disk, a second Ctrl-C: no stray temp file (a checkpoint's can be GBs)
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError):
-            fail(f"could not write {path}: {e.strerror or e}", "free disk space or fix permissions, then run again; "
-                 "the files there are intact, and --resume continues from the last checkpoint")
+        if is_write_error(e):
+            write_failed(path, e)
         raise
+
+
+def is_write_error(e):
+    """A full disk, a quota or a read-only folder as each writer reports it: Python and PIL raise OSError, torch.save's
+    zip writer a RuntimeError from inline_container.cc, safetensors (save_pretrained) a SafetensorError."""
+    from safetensors import SafetensorError
+    return isinstance(e, (OSError, SafetensorError)) or (isinstance(e, RuntimeError) and "inline_container" in str(e))
+
+
+def write_failed(path, error):
+    reason = (error.strerror if isinstance(error, OSError) and error.strerror
+              else f"the write failed ({str(error).strip().splitlines()[-1]})")
+    fail(f"could not write {path}: {reason}", "free disk space or fix permissions, then run again; the files there "
+         "are intact, and --resume continues from the last checkpoint")
 
 
 def parse_json(line):
@@ -1264,9 +1278,15 @@ def save_generator(m, cfg, folder):
                                    requires_safety_checker=False)
     tmp, old = Path(f"{folder}.tmp"), Path(f"{folder}.old")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)  # then swapped in: a crash never leaves a half-written generator folder
-    if lora is not None:  # the LoRA alone too (MBs), for load_lora_weights on the teacher (alpha = r: scale 1)
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora)
+    try:  # then swapped in: a crash never leaves a half-written generator folder
+        pipe.save_pretrained(tmp)
+        if lora is not None:  # the LoRA alone too (MBs), for load_lora_weights on the teacher (alpha = r: scale 1)
+            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora)
+    except BaseException as e:  # as atomic_write: no GBs of half-written pipeline left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_write_error(e):
+            write_failed(folder, e)
+        raise
     shutil.rmtree(old, ignore_errors=True)  # left by a crash between the two renames below of an earlier save
     if Path(folder).exists():
         os.replace(folder, old)
@@ -1366,6 +1386,10 @@ def main(argv=None):
                                                      if saved is not None else "no checkpoint was saved"),
               file=sys.stderr)
         raise SystemExit(130)
+    except OSError as e:  # the disk filled (or went read-only) under the metrics or a sample grid
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            write_failed(e.filename or out, e)
+        raise
     finally:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)

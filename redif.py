@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import errno
 import gzip
 import hashlib
 import json
@@ -540,10 +541,23 @@ def atomic_write(path, obj):
     except BaseException as e:  # a full disk, a second Ctrl-C: no stray temp file (a checkpoint's can be GBs)
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError):
-            fail(f"could not write {path}: {e.strerror or e}", "free disk space or fix permissions, then run again; "
-                 "the files there are intact, and --resume continues from the last checkpoint")
+        if is_write_error(e):
+            write_failed(path, e)
         raise
+
+
+def is_write_error(e):
+    """A full disk, a quota or a read-only folder as each writer reports it: Python and PIL raise OSError, torch.save's
+    zip writer a RuntimeError from inline_container.cc, safetensors (save_pretrained) a SafetensorError."""
+    from safetensors import SafetensorError
+    return isinstance(e, (OSError, SafetensorError)) or (isinstance(e, RuntimeError) and "inline_container" in str(e))
+
+
+def write_failed(path, error):
+    reason = (error.strerror if isinstance(error, OSError) and error.strerror
+              else f"the write failed ({str(error).strip().splitlines()[-1]})")
+    fail(f"could not write {path}: {reason}", "free disk space or fix permissions, then run again; the files there "
+         "are intact, and --resume continues from the last checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1076,11 +1090,18 @@ def save_student(models, folder):
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # a save cut short earlier
-    pipe.save_pretrained(tmp)
-    if lora is not None:  # the LoRA alone too (MBs), for load_lora_weights on the teacher (alpha = r: scale 1)
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora)
-    (tmp / "redif.json").write_text(json.dumps(dict(num_inference_steps=cfg.steps, guidance_scale=cfg.student_guidance,
-                                                    eta=0.0, height=cfg.resolution, width=cfg.resolution)))
+    try:
+        pipe.save_pretrained(tmp)
+        if lora is not None:  # the LoRA alone too (MBs), for load_lora_weights on the teacher (alpha = r: scale 1)
+            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora)
+        (tmp / "redif.json").write_text(json.dumps(dict(num_inference_steps=cfg.steps, eta=0.0,
+                                                        guidance_scale=cfg.student_guidance, height=cfg.resolution,
+                                                        width=cfg.resolution)))
+    except BaseException as e:  # as atomic_write: no GBs of half-written pipeline left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_write_error(e):
+            write_failed(folder, e)
+        raise
     replace_folder(tmp, folder)
 
 
@@ -1444,8 +1465,13 @@ def main(argv=None):
         print("aborted mid-iteration; " + (f"{out / 'checkpoint.pt'} (iteration {saved}) continues with --resume"
                                            if saved is not None else "no checkpoint was saved"), file=sys.stderr)
         raise SystemExit(130)
+    except OSError as e:  # the disk filled (or went read-only) under the metrics or a sample grid
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            write_failed(e.filename or out, e)
+        raise
     finally:
-        metrics_file.close()
+        with contextlib.suppress(OSError):  # each line was flushed as written: a failed close repeats a reported error
+            metrics_file.close()
         for signum, handler in old_handlers.items():
             signal.signal(signum, handler)
 

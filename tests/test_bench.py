@@ -2,7 +2,10 @@
 profile line's image counts is the scripts' own floor (same counts, same per-image costs)."""
 import json
 import os
+import shutil
 import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,25 +72,71 @@ def test_a_saved_model_without_its_checkpoint_is_never_overwritten(script, saved
 
 
 @pytest.mark.parametrize("script", ["dmdr", "redif"])
-@pytest.mark.parametrize("obj", ["text", "tensors"])
-def test_a_failed_write_keeps_the_old_file_leaves_no_temp_file_and_says_so_in_one_line(script, obj, tmp_path,
+@pytest.mark.parametrize("obj, writer", [("text", "fsync"), ("tensors", "fsync"), ("tensors", "torch.save")])
+def test_a_failed_write_keeps_the_old_file_leaves_no_temp_file_and_says_so_in_one_line(script, obj, writer, tmp_path,
                                                                                           monkeypatch):
     """A full disk (or a read-only folder) while a checkpoint, config or metrics file is written: the previous
-    file stays whole, the temp file (GBs for a full fine-tune's checkpoint) is removed, and one line names the fix."""
+    file stays whole, the temp file (GBs for a full fine-tune's checkpoint) is removed, and one line names the fix.
+    torch.save's zip writer reports a full disk as a RuntimeError of its own (seen on a 4 MB tmpfs)."""
     mod = {"dmdr": dmdr, "redif": redif}[script]
     path = tmp_path / "checkpoint.pt"
     path.write_text("the last good checkpoint")
 
-    def disk_full(fd):
+    def disk_full(*args):
+        if writer == "torch.save":
+            args[1].write(b"PK")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4109376 vs 4109264")
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(os, "fsync", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full) if writer == "fsync" else monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(SystemExit) as stopped:
         mod.atomic_write(path, "new" if obj == "text" else {"x": torch.zeros(3)})
-    assert str(stopped.value).startswith(f"error: could not write {path}: No space left on device (fix: free disk")
-    assert "\n" not in str(stopped.value)
+    reason = "No space left on device" if writer == "fsync" else "the write failed ([enforce fail at inline_container"
+    assert str(stopped.value).startswith(f"error: could not write {path}: {reason}")
+    assert "(fix: free disk space" in str(stopped.value) and "\n" not in str(stopped.value)
     assert path.read_text() == "the last good checkpoint" and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+RUNS = {"redif": ["--teacher", "tiny", "--device", "cpu", "--resolution", "8", "--steps", "2", "--teacher-steps", "4",
+                  "--group", "2", "--prompts-per-iter", "1", "--seed-pool", "1", "--eval-pairs", "2", "--bc-iters",
+                  "0", "--iters", "1"],
+        "dmdr": ["--teacher", "tiny", "--device", "cpu", "--steps", "1", "--batch-size", "2", "--fake-updates", "1",
+                 "--eval-teacher-steps", "1", "--num-eval-prompts", "2", "--iters", "1"]}
+
+
+@pytest.mark.parametrize("script", ["dmdr", "redif"])
+def test_a_disk_that_fills_mid_run_is_one_line_and_resume_finishes_the_run(script, tmp_path, monkeypatch):
+    """Where the disk fills: under a sample grid (PIL's OSError) the run stops in one line; under the final
+    save_pretrained (safetensors' own error type) it stops in one line with the checkpoint kept and no
+    half-written folder, and --resume, once there is room, writes the student / generator."""
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+    from safetensors import SafetensorError
+    mod, saved = {"dmdr": (dmdr, "generator"), "redif": (redif, "student")}[script]
+    out = tmp_path / "run"
+    args = RUNS[script] + ["--out", str(out)]
+
+    def grid_full(*a, **kw):
+        raise OSError(28, "No space left on device")
+    with monkeypatch.context() as patch, pytest.raises(SystemExit) as stopped:
+        patch.setattr(Image.Image, "save", grid_full)
+        mod.main(args)
+    assert str(stopped.value).startswith(f"error: could not write {out}: No space left on device (fix: free disk")
+
+    def pipeline_full(self, folder, **kw):
+        Path(folder).mkdir()
+        (Path(folder) / "model_index.json").write_text("{")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    shutil.rmtree(out)
+    with monkeypatch.context() as patch, pytest.raises(SystemExit) as stopped:
+        patch.setattr(StableDiffusionPipeline, "save_pretrained", pipeline_full)
+        mod.main(args)
+    assert str(stopped.value) == (
+        f"error: could not write {out / saved}: the write failed (Error while serializing: I/O error: No space left "
+        "on device (os error 28)) (fix: free disk space or fix permissions, then run again; the files there are "
+        "intact, and --resume continues from the last checkpoint)")
+    assert (out / "checkpoint.pt").exists() and not any(p.name.startswith(saved) for p in out.iterdir())
+    mod.main(args + ["--resume"])
+    assert (out / saved / "model_index.json").exists()
 def test_train_summary_reports_the_last_evaluation_and_the_worst_first_minibatch_ratio():
     rows = [{"iter": 0, "phase": "eval", "eval_reward": 0.1}, {"iter": 0, "phase": "rl", "ratio_err_first": 2e-4,
             "clipfrac_first": 0.5}, {"iter": 1, "phase": "rl", "ratio_err_first": 3e-5, "clipfrac_first": 0.0},
@@ -177,3 +226,49 @@ def test_a_broken_case_costs_its_row_not_the_table(tmp_path, monkeypatch):
     monkeypatch.setattr(sd_profile, "run_case", lambda *args, **kw: {}["no such key"])
     results = sd_profile.main(["--teacher", "tiny", "--cases", "dmdr-lora,redif-lora", "--out", str(tmp_path)])
     assert [r["status"][:13] for r in results] == ["bench error: "] * 2 and (tmp_path / "summary.md").exists()
+
+
+def test_image_counts_puts_each_dmdr_evaluation_in_its_cost_class():
+    """dmdr's profile line -> fake-score training at the LoRA rate, the generator's at its own kind's, the scores'
+    forwards as forwards, a decode with grad as 3 decodes, reward-model images nowhere."""
+    row = {"evals": {"real score fwd": 7, "fake score fwd": 2, "fake score fwd+bwd": 5, "generator fwd+bwd": 3,
+                     "generator fwd": 1, "rl fwd+bwd": 4, "vae decode fwd": 6, "vae decode fwd+bwd": 1,
+                     "reward fwd+bwd": 9}}
+    assert sd_profile.image_counts("dmdr.py", row) == {"forward": 10, "train": 7, "train lora": 5,
+                                                        "vae decode": 9, "vae decode with grad": 1}
+
+
+def test_unet_rate_prices_the_vae_per_decoded_image(monkeypatch):
+    """The VAE's cost per image divides its timed call by --vae-batch, the images that call decodes."""
+    import unet_rate
+    monkeypatch.setattr(unet_rate, "timed", lambda fn, reps, device: 0.012)
+    report = unet_rate.main(["--teacher", "tiny", "--device", "cpu", "--batch", "4", "--vae-batch", "3",
+                             "--small-batches", "", "--reps", "1"])
+    assert report["eager"]["vae decode"] == pytest.approx(0.004)
+
+
+def test_a_case_starts_from_a_fresh_run_folder(tmp_path, monkeypatch):
+    """A case rerun into the same --out first removes the last run's checkpoint.pt and metrics (the scripts
+    refuse to start over a checkpoint)."""
+    run_dir = tmp_path / "redif-lora"
+    run_dir.mkdir()
+    for name in ("checkpoint.pt", "metrics.jsonl"):
+        (run_dir / name).write_text("old")
+    left = []
+    monkeypatch.setattr(sd_profile, "run", lambda cmd, log, timeout: left.extend(p.name for p in run_dir.iterdir())
+                        or (1, 0.0))
+    sd_profile.run_case("redif-lora", types.SimpleNamespace(teacher="tiny"), tmp_path, tmp_path / "log.txt",
+                        deadline=1e12)
+    assert left == []
+
+
+def test_dmdrs_saved_generator_is_sampled_without_cfg(tmp_path, monkeypatch):
+    """dmdr's generator has the guidance baked in (its config has no student_guidance): stock sampling at 0."""
+    run_dir = tmp_path / "dmdr-train"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"steps": 4}))
+    cmds = []
+    monkeypatch.setattr(sd_profile, "run", lambda cmd, log, timeout: cmds.append(cmd) or (0, 0.0))
+    sd_profile.sample_saved("dmdr-train", run_dir, 0, 1.0, types.SimpleNamespace(teacher="tiny"),
+                            tmp_path / "log.txt", 10)
+    assert cmds[0][-3:] == ["4", "0.0", "cpu"]

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import types
 import warnings
 from pathlib import Path
 
@@ -96,6 +97,46 @@ def test_end_to_end(runs, rl):
     assert (ckpt["dpo_ref"] is not None) == (rl == "dpo")
     if rl == "dpo":
         assert ckpt["dpo_ref"].keys() == ckpt["generator"].keys()
+
+
+def test_evaluation_is_the_generator_against_a_stock_ddim_teacher(prompt_file, tmp_path):
+    """evaluate()'s teacher images are a stock diffusers pipeline (DDIM, trailing, eta 0) at --eval-teacher-steps
+    and --eval-teacher-guidance from evaluate's own fixed noise (not the real score's guidance), and eval_fd_clip is
+    the FD of the generator's CLIP features against the teacher's, > 0 (a set against itself cannot pass)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "none", 1, "--real-guidance", "1.75",
+                                    "--eval-teacher-guidance", "7.5"))
+    _, eval_prompts = dmdr.validate(cfg)
+    assert eval_prompts == PROMPTS[-2:]
+    m = dmdr.build_models(cfg, torch.device("cpu"))
+    m.uncond = dmdr.encode_prompts(m, [""])
+    cache = {}
+    metrics = dmdr.evaluate(m, cfg, eval_prompts, cache, 0, tmp_path)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    z = torch.randn(len(eval_prompts), *dmdr.latent_shape(m), generator=g)
+    generated = dmdr.decode(m, dmdr.sample_generator(m, z, dmdr.encode_prompts(m, eval_prompts), generator=g))
+    unet, vae, text_encoder, tokenizer = dmdr.load_teacher("tiny")
+    scheduler = DDIMScheduler.from_config(dmdr.sd_scheduler().config, timestep_spacing="trailing")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe(eval_prompts, num_inference_steps=cfg.eval_teacher_steps, guidance_scale=7.5, eta=0.0,
+                   latents=z.clone(), output_type="latent").images
+    with torch.no_grad():
+        teacher = dmdr.decode(m, latents)
+        torch.testing.assert_close(cache["teacher"], teacher, rtol=1e-4, atol=1e-4)
+        fd = dmdr.frechet_distance(dmdr.clip_features(m, generated), dmdr.clip_features(m, teacher))
+    assert fd > 1e-6 and metrics["eval_fd_clip"] == pytest.approx(fd, rel=1e-4, abs=1e-8)
+
+
+def test_the_last_prompts_are_held_out_and_every_training_prompt_is_drawn(prompt_file, tmp_path):
+    """--prompts' last --num-eval-prompts are held out: evaluation and training prompts partition the file, and
+    training draws every one of its prompts (the last one too)."""
+    train, held_out = dmdr.validate(dmdr.parse_args(tiny_args(prompt_file, tmp_path)))
+    assert held_out == PROMPTS[-2:] and train == PROMPTS[:-2]
+    torch.manual_seed(0)
+    assert set(dmdr.pick_prompts(train, 300)) == set(train)
 
 
 def test_saved_pipeline_samples_like_the_generator(runs, prompt_file):
@@ -558,6 +599,39 @@ def test_the_fake_score_learns_every_generator_step_at_dynars_times(prompt_file,
     dmdr.fake_updates(m, cfg, torch.optim.AdamW(dmdr.lora_params(m.unet, "fake"), lr=0.0), 0, PROMPTS)
     assert torch.cat(ts).float().mean().item() == pytest.approx(20 + 960 * 4 / 5.5, abs=40)
     assert set(torch.cat(ks).tolist()) == {0, 1}
+
+
+def test_each_fake_update_trains_on_its_own_slice_of_the_samples(lora_models, prompt_file, tmp_path, monkeypatch):
+    """One backward simulation draws the samples of all --fake-updates; update i trains on slice i of it, so no
+    two updates see the same samples (the runs above use --fake-updates 1)."""
+    cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "none", 1, "--fake-updates", "3"))
+    sims, seen = [], []
+    simulate, loss = dmdr.backward_simulation, dmdr.fake_score_loss
+    monkeypatch.setattr(dmdr, "backward_simulation", lambda *a: sims.append(simulate(*a)) or sims[-1])
+    monkeypatch.setattr(dmdr, "fake_score_loss", lambda m, x0, *a: seen.append(x0.clone()) or loss(m, x0, *a))
+    torch.manual_seed(0)
+    dmdr.fake_updates(lora_models, cfg, torch.optim.AdamW(dmdr.lora_params(lora_models.unet, "fake"), lr=0.0), 0,
+                      PROMPTS[:4])
+    assert len(sims) == 1 and len(seen) == 3
+    for x0, part in zip(seen, sims[0].chunk(3)):
+        assert torch.equal(x0, part)
+
+
+@pytest.mark.parametrize("dynars", [True, False])
+def test_no_dynars_gives_uniform_renoise_times_to_the_generator_and_the_fake(lora_models, prompt_file, tmp_path,
+                                                                             monkeypatch, dynars):
+    """--no-dynars (the paper's ablation) turns DynaRS off for the generator's DMD renoise and the fake score's
+    alike; the logged dynars_mean alone does not show that."""
+    cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "none", 1, "--dynars" if dynars else "--no-dynars"))
+    calls, draw = [], dmdr.sample_renoise_timesteps
+    monkeypatch.setattr(dmdr, "sample_renoise_timesteps",
+                        lambda *a, **kw: calls.append(kw["dynamic"]) or draw(*a, **kw))
+    torch.manual_seed(0)
+    m = lora_models
+    dmdr.generator_update(m, cfg, torch.optim.AdamW(list(dmdr.generator_params(m).values()), lr=0.0), 0,
+                          PROMPTS[:2])
+    dmdr.fake_updates(m, cfg, torch.optim.AdamW(dmdr.lora_params(m.unet, "fake"), lr=0.0), 0, PROMPTS[:4])
+    assert calls == [dynars, dynars]
 
 
 def test_saved_lcm_scheduler_passes_the_generators_x0_through_at_every_supported_k(tmp_path):
@@ -1148,6 +1222,33 @@ def test_aesthetic_reward_loads_the_laion_checkpoint_and_is_differentiable(promp
         bad = dataclasses.replace(cfg, aesthetic_model=str(tmp_path / "bad.pth"))
         dmdr.load_aesthetic(bad, m.device, torch.float32)
     assert str(e.value).startswith("error: could not load the aesthetic head") and "\n" not in str(e.value)
+
+
+def test_the_aesthetic_score_reads_its_own_clip(prompt_file, tmp_path):
+    """The aesthetic head reads ViT-L-14's embeddings (m.aesthetic[0]), not the CLIP of the clip_text reward. In
+    the tiny setting both CLIPs are built alike (seed 0), so the aesthetic one is perturbed to tell them apart."""
+    cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "none", 1, "--reward", "aesthetic=1"))
+    m = dmdr.build_models(cfg, torch.device("cpu"))
+    clip_l, head = m.aesthetic
+    with torch.no_grad():
+        for p in clip_l.visual.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        score = dmdr.aesthetic_score(m, images)
+        torch.testing.assert_close(score, head(dmdr.clip_features(m, images, clip_l)).squeeze(-1))
+        assert (score - head(dmdr.clip_features(m, images)).squeeze(-1)).abs().max() > 1e-4
+
+
+def test_clip_features_equal_redifs(prompt_file, tmp_path):
+    """Both scripts embed images for CLIP alike ([-1, 1] -> [0, 1], antialiased bicubic resize, OpenAI mean and
+    std; test_redif checks that preprocessing against PIL and in closed form): same model, same features."""
+    import redif
+    clip = dmdr.create_clip(dmdr.parse_args(tiny_args(prompt_file, tmp_path)), "ViT-B-32", "openai")
+    images = torch.rand(3, 3, 48, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        ours = dmdr.clip_features(types.SimpleNamespace(clip=clip, ctx=contextlib.nullcontext), images)
+        theirs = redif.clip_image_features(types.SimpleNamespace(clip=clip), images)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_refl_image_by_image_has_the_value_and_gradient_of_the_whole_batch(prompt_file, tmp_path):

@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 import signal
+import types
 from pathlib import Path
 
 import pytest
@@ -405,13 +406,74 @@ def test_the_policy_samples_at_the_student_guidance(workdir):
     torch.testing.assert_close(mean, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_evaluation_is_the_deterministic_eta0_student(workdir, tmp_path):
-    """What is deployed (eta 0): evaluate() gives the same numbers whatever the global RNG's state."""
+def test_evaluation_is_the_eta0_student_against_the_teacher_on_the_held_out_pairs_by_hand(workdir, tmp_path):
+    """evaluate() scores what is deployed, the eta-0 student, on --eval-pairs (prompt i mod P, seed
+    EVAL_SEED_BASE + i, so n distinct x_T) against the teacher's cached output: its latent MSE, CLIP image cosine and
+    Frechet distance equal those computed by hand, whatever the global RNG's state. The FD is the student's features
+    against the teacher's, > 0 here (a 2-step student is not the teacher), so a set against itself cannot pass."""
     cfg, models, rm, weights, cache, optimizer, prompts = tiny_trainer(workdir, "--reward", "latent=1")
     torch.manual_seed(1)
-    first = redif.evaluate(models, rm, weights, cache, prompts, tmp_path / "a.png")
+    metrics = redif.evaluate(models, rm, weights, cache, prompts, tmp_path / "a.png")
     torch.manual_seed(2)
-    assert redif.evaluate(models, rm, weights, cache, prompts, tmp_path / "b.png") == first
+    assert redif.evaluate(models, rm, weights, cache, prompts, tmp_path / "b.png") == metrics
+    n = cfg.eval_pairs
+    pair_prompts = [prompts[i % len(prompts)] for i in range(n)]
+    seeds = [redif.EVAL_SEED_BASE + i for i in range(n)]
+    teacher = cache.get(pair_prompts, seeds)[:, -1]
+    x_T = redif.initial_noise(seeds, models.latent_size, torch.device("cpu"))
+    assert len({tuple(x.flatten().tolist()) for x in x_T}) == n
+    student = redif.sample_student(models, x_T, redif.encode_prompts(models, pair_prompts), eta=0.0)[0][:, -1]
+    feats_s, feats_t = redif.clip_image_features(rm, redif.decode(models, torch.cat([student, teacher]))).chunk(2)
+    assert metrics["eval_latent_mse"] == pytest.approx(((student - teacher) ** 2).mean().item(), rel=1e-5)
+    assert metrics["eval_clip_img"] == pytest.approx((feats_s * feats_t).sum(-1).mean().item(), rel=1e-5)
+    fd = redif.frechet_distance(feats_s, feats_t)
+    assert fd > 1e-6 and metrics["eval_fd_clip"] == pytest.approx(fd, rel=1e-4, abs=1e-8)
+
+
+def test_the_grid_shows_student_left_teacher_right(tmp_path):
+    """save_grid's row i is [student_i | teacher_i]: a black student and a white teacher give a black left half
+    and a white right half, rows capped at max_rows."""
+    import numpy as np
+    from PIL import Image
+    student, teacher = torch.full((3, 3, 4, 5), -1.0), torch.full((3, 3, 4, 5), 1.0)
+    redif.save_grid(torch.cat([student, teacher]), tmp_path / "g.png", max_rows=2)
+    pixels = np.array(Image.open(tmp_path / "g.png"))
+    assert pixels.shape == (2 * 4, 2 * 5, 3)
+    assert (pixels[:, :5] == 0).all() and (pixels[:, 5:] == 255).all()
+
+
+def test_decode_is_the_stock_pipelines_decode(workdir):
+    """decode(latents) is what StableDiffusionPipeline makes of the same final latents (the VAE of latents /
+    scaling_factor), mapped to [-1, 1]: the stock pipeline run once to latents and once to images."""
+    cfg, models, *_ = tiny_trainer(workdir)
+    pipe = redif.load_pipeline(cfg)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae.config.scaling_factor != 1
+    x_T = redif.initial_noise([1, 2], models.latent_size, torch.device("cpu"))
+    kw = dict(num_inference_steps=2, guidance_scale=7.5, height=8, width=8)
+    latents = pipe(["a cat", "a car"], latents=x_T.clone(), output_type="latent", **kw).images
+    images = pipe(["a cat", "a car"], latents=x_T.clone(), output_type="pt", **kw).images  # in [0, 1]
+    torch.testing.assert_close(redif.decode(models, latents), images * 2 - 1, rtol=1e-4, atol=1e-4)
+
+
+def test_iteration_generators_are_two_streams_set_by_seed_and_iteration():
+    """The eta-noise must not replay the stream the (prompt, seed) pairs were drawn from."""
+    cfg = redif.parse_args([])
+    draws, noise = redif.iteration_generators(cfg, 5, torch.device("cpu"))
+    assert draws.initial_seed() != noise.initial_seed()
+    assert not torch.equal(torch.randn(8, generator=draws), torch.randn(8, generator=noise))
+    again = redif.iteration_generators(cfg, 5, torch.device("cpu"))
+    assert [g.initial_seed() for g in again] == [draws.initial_seed(), noise.initial_seed()]
+    assert redif.iteration_generators(cfg, 6, torch.device("cpu"))[0].initial_seed() != draws.initial_seed()
+
+
+def test_saved_student_records_the_student_guidance(workdir, tmp_path):
+    """redif.json (how to sample the saved student) holds --student-guidance, not the teacher's scale; the runs
+    above use 7.5 for both, so only different scales tell them apart."""
+    cfg, models, *_ = tiny_trainer(workdir, "--student-guidance", "2", "--teacher-guidance", "7.5")
+    redif.save_student(models, tmp_path / "student")
+    saved = json.loads((tmp_path / "student" / "redif.json").read_text())
+    assert saved == dict(num_inference_steps=2, guidance_scale=2.0, eta=0.0, height=8, width=8)
 
 
 def test_the_teacher_cache_key_changes_with_every_setting_of_the_teachers_output(workdir):
@@ -425,6 +487,11 @@ def test_the_teacher_cache_key_changes_with_every_setting_of_the_teachers_output
                   ["--precision", "bf16"]):
         assert key(*flags) != base, flags
     assert key("--student-guidance", "3", "--lr", "1e-3") == base  # student settings share the teacher's outputs
+    def key_of_teacher(teacher):  # the key is made from the settings alone: no need to build the teacher
+        models = types.SimpleNamespace(cfg=redif.parse_args(["--teacher", teacher, "--resolution", "8"]),
+                                       device=torch.device("cpu"))
+        return redif.TeacherCache(workdir / "cache", models).path("a photo of a cat", 0)
+    assert len({key_of_teacher("tiny"), key_of_teacher("sd15-random"), key_of_teacher("someone/sd-model")}) == 3
 
 
 def test_advantages_are_clipped_to_adv_clip_max(workdir, monkeypatch):
@@ -510,7 +577,6 @@ def test_rl_update_shuffles_rollouts_into_minibatches_with_its_generator(monkeyp
     """R07: each inner epoch splits the rollouts into --minibatches by a fresh permutation drawn from the run's
     generator (DDPO), not in rollout order (which would put whole groups of one prompt in one minibatch, the same
     ones every epoch). Stubbed loss: only which rows each minibatch holds is checked."""
-    import types
     B, seen, minibatches = 8, [], []
     cfg = types.SimpleNamespace(inner_epochs=3, minibatches=2, train_batch=2, steps=1)
     models = types.SimpleNamespace(cfg=cfg, student=torch.nn.Linear(1, 1))
@@ -537,7 +603,6 @@ def test_logged_bc_loss_is_the_mean_over_steps_and_rows(monkeypatch):
     """R13: bc_update's logged bc_loss is the MSE averaged over the K steps and all rows (what it trains on),
     here with a stub policy whose eta-0 mean is the state itself: mean_k MSE(state_k, state_{k+1}) in closed
     form, whatever --train-batch splits the rows into."""
-    import types
     P, K = 5, 3
     states = torch.randn(P, K + 1, 2, 2, 2, generator=torch.Generator().manual_seed(0))
     w = torch.zeros((), requires_grad=True)
@@ -549,6 +614,24 @@ def test_logged_bc_loss_is_the_mean_over_steps_and_rows(monkeypatch):
                                        student=torch.nn.Linear(1, 1))
         out = redif.bc_update(models, None, states, torch.zeros(P, 1))
         assert out["bc_loss"] == pytest.approx(expected, rel=1e-5) and out["nonfinite_steps"] == 0
+
+
+def test_bc_regresses_the_students_eta0_step_not_the_training_policys_mean(workdir):
+    """E7 regresses the student's deterministic (eta 0) DDIM step from teacher state k onto state k+1, not the
+    mean of the training policy at --eta (whose direction term shrinks by sigma_k): the logged bc_loss equals the
+    eta-0 MSE by hand at the default --eta 1, which differs from the eta-1 mean's."""
+    cfg, models, rm, weights, cache, optimizer, prompts = tiny_trainer(workdir, "--lr", "0")
+    states = cache.get(prompts, [0, 1])
+    cond = redif.encode_prompts(models, prompts)
+
+    def mse(eta):
+        with torch.no_grad():
+            return sum(((redif.policy_step(models, models.student, states[:, k], t, t_prev, cond, eta)[2]
+                         - states[:, k + 1]) ** 2).mean().item()
+                       for k, (t, t_prev) in enumerate(zip(*redif.sampler_grid(cfg.steps)))) / cfg.steps
+    logged = redif.bc_update(models, optimizer, states, cond)["bc_loss"]
+    assert cfg.eta == 1.0 and abs(mse(0.0) - mse(1.0)) > 1e-3 * mse(0.0)
+    assert logged == pytest.approx(mse(0.0), rel=1e-5)
 
 
 def test_kl_reference_is_the_student_as_rl_starts_not_the_pre_bc_teacher(workdir):
@@ -926,6 +1009,16 @@ def test_reward_preprocessing_is_antialiased_like_pil():
     assert images.grad.abs().sum() > 0
 
 
+def test_reward_preprocessing_normalises_with_the_models_mean_and_std():
+    """A constant image of value v in [-1, 1] reaches the reward model as ((v + 1) / 2 - mean) / std per channel,
+    open_clip's ToTensor then Normalize (the test above passes mean 0, std 1)."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    v = torch.tensor([-1.0, 0.0, 0.5])
+    x = redif._prepare(v.view(1, 3, 1, 1).expand(2, 3, 16, 16), 8, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+    expected = ((v + 1) / 2 - torch.tensor(OPENAI_DATASET_MEAN)) / torch.tensor(OPENAI_DATASET_STD)
+    torch.testing.assert_close(x, expected.view(1, 3, 1, 1).expand(2, 3, 8, 8), rtol=1e-5, atol=1e-5)
+
+
 def test_offline_tokenizer_matches_sd():
     assert redif.offline_clip_tokenizer()("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
 
@@ -945,6 +1038,21 @@ def test_rewards_with_one_teacher_image_per_group_equal_per_rollout_rewards(work
                                                 teacher.repeat_interleave(3, dim=0))
     torch.testing.assert_close(grouped, flat, rtol=1e-5, atol=1e-6)
     assert set(terms) == set(flat_terms) == {"clip", "dino", "clip_text", "aesthetic", "latent"}
+
+
+def test_clip_text_reward_alone_is_the_image_text_cosine(workdir):
+    """--reward clip_text=1 on its own (no clip term to share the image features with) is the cosine of the
+    student's CLIP image embedding and its prompt's CLIP text embedding."""
+    cfg, models, rm, weights, cache, optimizer, prompts = tiny_trainer(workdir, "--reward", "clip_text=1")
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(4, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    rollout_prompts = ["a photo of a cat"] * 2 + ["a red car on a road"] * 2
+    reward, terms, _ = redif.compute_rewards(weights, models, rm, rollout_prompts, student, teacher, group=2)
+    with torch.no_grad():
+        expected = (redif.clip_image_features(rm, redif.decode(models, student))
+                    * redif.clip_text_features(rm, rollout_prompts, torch.device("cpu"))).sum(-1)
+    torch.testing.assert_close(reward, expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(terms["clip_text"], reward)
 
 
 def test_aesthetic_reward_loads_the_laion_checkpoint_and_bad_models_are_one_line_errors(workdir, tmp_path,

@@ -154,6 +154,18 @@ def test_pretrained_student_imitates_the_teacher_with_many_steps_not_with_one():
     assert pretrain_student(DATA) is not pretrain_student(DATA)  # cached weights, fresh copies
 
 
+def test_student_sample_runs_at_its_guidance():
+    """student_sample(guidance=1) is DDIM on the conditional epsilon alone, not at the teacher's default CFG."""
+    from toy.diffusion import EpsMLP
+    torch.manual_seed(0)
+    model = EpsMLP(DATA.num_modes).eval()
+    x_T = torch.randn(16, 2, dtype=DTYPE)
+    labels = torch.arange(16) % DATA.num_modes
+    with torch.no_grad():
+        expected = ddim_sample(lambda x, t: model(x, t, labels), x_T, trailing_timesteps(3), AC)
+    torch.testing.assert_close(student_sample(model, x_T, labels, 3, guidance=1.0), expected)
+
+
 def test_mixture_config_controls_the_modes():
     data = GaussianMixture(MixtureConfig(num_modes=3, radius=1.0))
     assert data.means.shape == (3, 2) and torch.allclose(data.means.norm(dim=-1), torch.ones(3, dtype=DTYPE))

@@ -351,6 +351,58 @@ def test_consistency_sampling_applies_f_at_each_grid_time(monkeypatch):
     assert seen == [999, 749, 499, 249]
 
 
+def test_redif_held_out_error_is_the_eta0_students():
+    """train_redif's heldout_align_err is the deterministic (eta 0) student's error on its held-out pairs, the
+    student as deployed; training's eta would make it noisy."""
+    data = GaussianMixture()
+    torch.manual_seed(0)
+    cfg = ToyReDiFConfig(steps=2, iters=2, bc_iters=0, groups=4, group_size=2, pool=64, eval_size=32, eta=1.0)
+    model, history = train_redif(data, EpsMLP(data.num_modes), cfg, seed=0)
+    labels, x_T, teacher = teacher_pairs(data, cfg.eval_size, 30_000)
+    x = student_sample(model, x_T, labels, cfg.steps, cfg.guidance)
+    assert history[-1]["heldout_align_err"] == pytest.approx(alignment_error(x, teacher), rel=1e-12)
+
+
+def test_redif_kl_reference_is_the_student_as_rl_started():
+    """E6's reference is the student as RL starts, fixed for the run, not the policy at each iteration's start.
+    With one minibatch per iteration the KL is logged before that iteration's step: 0 in iteration 0 (the policy
+    is the reference), > 0 in iteration 1 (the policy moved in iteration 0, the reference did not)."""
+    data = GaussianMixture()
+    torch.manual_seed(0)
+    cfg = ToyReDiFConfig(steps=2, iters=2, bc_iters=0, groups=4, group_size=2, pool=64, eval_size=16, eta=1.0,
+                         inner_epochs=1, minibatches=1, lr=1e-3, beta=0.01)
+    _, history = train_redif(data, EpsMLP(data.num_modes), cfg, seed=0)
+    assert history[0]["kl"] == 0 and history[1]["kl"] > 0
+
+
+def bench_rows(ks, values):
+    """Synthetic bench rows for check_claims: every method at every K, metrics from values[(method, K)] or base."""
+    methods = ["teacher K-step DDIM", "student init", "PD", "CD", "ReDiF BC only (E7)", "ReDiF-GRPO", "ReDiF-PPO",
+               "DMD init (no CFG)", "DMD (no RL)", "RL only (ReFL)", "DMDR (DMD+ReFL)"]
+    base = dict(align_err=0.5, sw2=0.5, mmd=0.5, coverage=1.0, on_support=0.9, reward=0.1, reward_diff_se=0.01,
+                train_s=0.0)
+    rows = [dict(method="data (2nd draw)", K=0, **base), dict(method="teacher 50-step", K=50, **base)]
+    return rows + [dict(base, method=m, K=K, **values.get((m, K), {})) for m in methods for K in ks]
+
+
+def test_bench_claims_read_their_rules_the_right_way_round():
+    """check_claims' verdicts follow their stated rules: RL lowering the error below its BC init is "YES"; RL alone
+    0.4 below DMD's on-support fraction is "REPRODUCED" drift."""
+    cfg = bench.BenchConfig(ks=(2,), redif_k=2)
+    hist = [dict(heldout_align_err=e, heldout_reward=r) for e, r in ((0.3, 0.1), (0.2, 0.2), (0.25, 0.3))]
+    histories = {(a + s, 2): hist for a in ("grpo", "ppo") for s in ("", "-stress", "-proxy", "-proxy-stress")}
+    rows = bench_rows((2,), {("ReDiF-GRPO", 2): dict(align_err=0.1), ("ReDiF BC only (E7)", 2): dict(align_err=0.2),
+                             ("RL only (ReFL)", 2): dict(on_support=0.5)})
+    claims = {c.split(" (")[0]: v for c, v, _ in bench.check_claims(rows, histories, cfg)}
+    assert claims["RL adds to behaviour cloning"] == "YES"
+    assert claims["RL alone drifts off the data"].startswith("REPRODUCED")
+
+
+def test_bench_epochs_summary_in_closed_form():
+    hist = [dict(heldout_align_err=e) for e in (0.3, 0.1, 0.2)]
+    assert bench.epochs_summary(hist) == dict(first=0.3, best=0.1, best_iter=1, final=0.2, jitter=pytest.approx(0.15))
+
+
 def test_bench_smoke(tmp_path):
     cfg = dataclasses.replace(bench.QUICK, ks=(2,), redif_k=2, pretrain_steps=60, eval_size=128, bc_iters=10,
                               redif_iters=2, pd_iters_per_stage=5, cd_iters=10,
