@@ -283,6 +283,26 @@ def check_out_dir(cfg, out):
         print(f"note: {out} holds no checkpoint (its run stopped before the first): starting afresh there")
 
 
+def lock_run_folder(out):
+    """One process per run folder: a second run there (a --resume while the first still runs, a job resubmitted
+    too soon) would interleave checkpoints and metrics. A POSIX lock: the OS releases it however the process ends.
+    -> the open lock file, to keep while the run lasts."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX (Windows): no lock
+        return None
+    try:
+        lock = open(out / ".lock", "a")
+    except OSError as e:  # a read-only folder
+        write_failed(out / ".lock", e)
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        fail(f"another process is running in {out}", "wait for it to end (or stop it), or choose another --out")
+    return lock
+
+
 # settings a resumed run may change: they leave what was already trained alone (the lrs: the fix of a non-finite
 # loss); prompts: the file may move, its prompts are compared with the run's prompts.txt
 RESUME_FREE = {"iters", "eval_every", "save_every", "compile", "gradient_checkpointing", "lr", "fake_lr",
@@ -1301,6 +1321,7 @@ def main(argv=None):
     cfg = parse_args(argv)
     out = Path(cfg.out)
     check_out_dir(cfg, out)
+    lock = lock_run_folder(out) if out.is_dir() else None  # now if it can, not after minutes of loading models
     if cfg.resume:
         cfg = resume_config(cfg, given_flags(argv), out)
     train_prompts, eval_prompts = validate(cfg)
@@ -1323,6 +1344,7 @@ def main(argv=None):
     if step > cfg.iters:
         fail(f"--iters {cfg.iters}: the run is past it, at iteration {step}", f"pass --iters {step} or more")
     out.mkdir(parents=True, exist_ok=True)
+    lock = lock or lock_run_folder(out)  # held until main returns or the process ends
     if not cfg.profile or not cfg.resume:  # a resumed profile's flags are for its own timing, not for the run
         atomic_write(out / "config.json", json.dumps(asdict(cfg), indent=2))  # on --resume: with the changes
     if not cfg.resume:

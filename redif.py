@@ -1234,6 +1234,26 @@ def check_out_dir(cfg, out):
         print(f"note: {out} holds no checkpoint (its run stopped before the first): starting afresh there")
 
 
+def lock_run_folder(out):
+    """One process per run folder: a second run there (a --resume while the first still runs, a job resubmitted
+    too soon) would interleave checkpoints and metrics. A POSIX lock: the OS releases it however the process ends.
+    -> the open lock file, to keep while the run lasts."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX (Windows): no lock
+        return None
+    try:
+        lock = open(out / ".lock", "a")
+    except OSError as e:  # a read-only folder
+        write_failed(out / ".lock", e)
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        fail(f"another process is running in {out}", "wait for it to end (or stop it), or choose another --out")
+    return lock
+
+
 # settings a resumed run may change: they leave what was already trained alone (lr: e.g. after NaN rewards);
 # prompts: the file may move, its prompts are compared (check_same_prompts); the teacher cache is keyed by content
 RESUME_FREE = {"iters", "eval_every", "ckpt_every", "teacher_batch", "max_nan_skips", "compile",
@@ -1378,6 +1398,7 @@ def main(argv=None):
     cfg = parse_args(argv)
     out, changed = Path(cfg.out), {}
     check_out_dir(cfg, out)
+    lock = lock_run_folder(out) if out.is_dir() else None  # now if it can, not after minutes of loading models
     if cfg.resume:
         cfg, changed = resume_config(cfg, given_flags(argv), out)
     weights, prompts = validate(cfg)
@@ -1394,8 +1415,9 @@ def main(argv=None):
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
     models = setup_models(cfg, pipe, device)
     rm = load_reward_models(cfg, weights, device)  # a reward model that fails to load leaves no run folder behind
+    out.mkdir(parents=True, exist_ok=True)
+    lock = lock or lock_run_folder(out)  # held until main returns or the process ends
     if not cfg.resume:
-        out.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out)
         atomic_write(out / "prompts.txt", "".join(p + "\n" for p in prompts))
         for stale in out.glob("samples_*.png"):  # of a run that stopped before its first checkpoint

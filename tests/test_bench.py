@@ -3,6 +3,7 @@ profile line's image counts is the scripts' own floor (same counts, same per-ima
 import json
 import os
 import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -137,6 +138,38 @@ def test_a_disk_that_fills_mid_run_is_one_line_and_resume_finishes_the_run(scrip
     assert (out / "checkpoint.pt").exists() and not any(p.name.startswith(saved) for p in out.iterdir())
     mod.main(args + ["--resume"])
     assert (out / saved / "model_index.json").exists()
+@pytest.mark.parametrize("script", ["dmdr", "redif"])
+def test_one_process_per_run_folder(script, tmp_path, monkeypatch):
+    """While another process holds a run folder, a run there is refused in one line before it writes anything;
+    a run holds its folder while it trains, and lets go when it ends."""
+    mod = {"dmdr": dmdr, "redif": redif}[script]
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    holder = subprocess.Popen([sys.executable, "-c", lock + "; print('held', flush=True); sys.stdin.read()",
+                               str(out / ".lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(SystemExit) as refused:
+            mod.main(RUNS[script] + ["--out", str(out)])
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    assert str(refused.value) == (f"error: another process is running in {out} (fix: wait for it to end (or stop "
+                                  "it), or choose another --out)")
+    assert [p.name for p in out.iterdir()] == [".lock"]
+
+    def can_lock():
+        return subprocess.run([sys.executable, "-c", lock, str(out / ".lock")], capture_output=True).returncode == 0
+    seen, save = [], mod.save_checkpoint
+    monkeypatch.setattr(mod, "save_checkpoint", lambda *a, **kw: seen.append(can_lock()) or save(*a, **kw))
+    mod.main(RUNS[script] + ["--out", str(out)])
+    assert seen == [False] and can_lock()
+    (tmp_path / "unwritable" / ".lock").mkdir(parents=True)  # as a read-only folder: the lock file cannot open
+    with pytest.raises(SystemExit, match=r"^error: could not write .*\.lock: Is a directory \(fix: free disk"):
+        mod.main(RUNS[script] + ["--out", str(tmp_path / "unwritable")])
+
+
 def test_train_summary_reports_the_last_evaluation_and_the_worst_first_minibatch_ratio():
     rows = [{"iter": 0, "phase": "eval", "eval_reward": 0.1}, {"iter": 0, "phase": "rl", "ratio_err_first": 2e-4,
             "clipfrac_first": 0.5}, {"iter": 1, "phase": "rl", "ratio_err_first": 3e-5, "clipfrac_first": 0.0},

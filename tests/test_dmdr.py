@@ -1063,7 +1063,7 @@ def test_profile_counts_evaluations_exactly(prompt_file, tmp_path, capsys):
     table = capsys.readouterr().out
     assert all(f"| {p} |" in table for p in ("generator", "fake", "rl", "other", "wall"))
     assert "n/a (cpu)" in table and all(f"| {k} | {n * v} |" in table for k, v in per_iter.items())
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "metrics.jsonl", "prompts.txt"]  # no checkpoint, generator
+    assert sorted(os.listdir(tmp_path)) == [".lock", "config.json", "metrics.jsonl", "prompts.txt"]  # no checkpoint
 
 
 def test_local_diffusers_folder_loads_as_the_teacher(tmp_path):

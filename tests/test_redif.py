@@ -1241,7 +1241,7 @@ def test_a_run_that_stopped_before_its_first_checkpoint_is_started_afresh(workdi
     --resume says so, and a fresh run starts over in the folder, its metrics not appended to the old ones."""
     out, flags = workdir / "restart", ("--bc-iters", "1", "--iters", "1", "--eval-every", "0", "--reward", "latent=1")
     redif.main(tiny_args(workdir, "restart", *flags, "--profile", "1"))
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl", "prompts.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.json", "metrics.jsonl", "prompts.txt"]
     (out / "samples_000099.png").write_bytes(b"")  # as a run that crashed at iteration 99 would leave
     expect_error(tiny_args(workdir, "restart", *flags, "--resume"), "holds no checkpoint.pt", "without --resume")
     assert redif.main(tiny_args(workdir, "restart", *flags)) == out
