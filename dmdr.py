@@ -297,7 +297,9 @@ def lock_run_folder(out):
         write_failed(out / ".lock", e)
     try:
         fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks (some NFS): run unlocked
+            return lock
         lock.close()
         fail(f"another process is running in {out}", "wait for it to end (or stop it), or choose another --out")
     return lock

@@ -1,5 +1,7 @@
 """bench/sd_profile.py, the GPU benchmark: its cases run on the tiny teacher, and the floor it computes from a
 profile line's image counts is the scripts' own floor (same counts, same per-image costs)."""
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -138,6 +140,8 @@ def test_a_disk_that_fills_mid_run_is_one_line_and_resume_finishes_the_run(scrip
     assert (out / "checkpoint.pt").exists() and not any(p.name.startswith(saved) for p in out.iterdir())
     mod.main(args + ["--resume"])
     assert (out / saved / "model_index.json").exists()
+
+
 @pytest.mark.parametrize("script", ["dmdr", "redif"])
 def test_one_process_per_run_folder(script, tmp_path, monkeypatch):
     """While another process holds a run folder, a run there is refused in one line before it writes anything;
@@ -165,6 +169,17 @@ def test_one_process_per_run_folder(script, tmp_path, monkeypatch):
     monkeypatch.setattr(mod, "save_checkpoint", lambda *a, **kw: seen.append(can_lock()) or save(*a, **kw))
     mod.main(RUNS[script] + ["--out", str(out)])
     assert seen == [False] and can_lock()
+
+    import fcntl
+    for code in (errno.EAGAIN, errno.ENOLCK):  # locked by another process; a file system without locks: no lock
+
+        def lockf(*args):
+            raise OSError(code, os.strerror(code))
+        with monkeypatch.context() as patch:
+            patch.setattr(fcntl, "lockf", lockf)
+            refusal = pytest.raises(SystemExit, match="another process")
+            with refusal if code == errno.EAGAIN else contextlib.nullcontext():
+                assert mod.lock_run_folder(out) is not None
     (tmp_path / "unwritable" / ".lock").mkdir(parents=True)  # as a read-only folder: the lock file cannot open
     with pytest.raises(SystemExit, match=r"^error: could not write .*\.lock: Is a directory \(fix: free disk"):
         mod.main(RUNS[script] + ["--out", str(tmp_path / "unwritable")])
