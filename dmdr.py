@@ -136,10 +136,12 @@ class Config:
     dpo_beta: float = flag(5000.0, "Diffusion-DPO beta (Diffusion-DPO on SD1.5: 5000)")
     grpo_group: int = flag(4, "GRPO group size G per prompt (E4)")
     grpo_eta: float = flag(1.0, "eta of the stochastic last generator step for GRPO (E1)")
-    grpo_clip: float = flag(1e-4, "clip range of the GRPO surrogate (E5; DDPO's value)")
+    grpo_clip: float = flag(1e-4, "clip range of the GRPO surrogate (E5; DDPO's value); with one on-policy update "
+                            "per sample the ratio is exactly 1, so the clip never binds")
     prompts: str = flag(None, "text file, one prompt a line (default: built-in); the last --num-eval-prompts "
                         "are held out")
-    num_eval_prompts: int = flag(4, "held-out prompts for evaluation (>= 2)")
+    num_eval_prompts: int = flag(4, "held-out prompts for evaluation (>= 2; the CLIP Frechet distance of so few is "
+                                 "a trend, not an FID)")
     batch_size: int = flag(4, "prompts per generator update (our choice for one GPU; DMD2 used 2048 on 64 GPUs)")
     iters: int = flag(40000, "generator updates (DMD2 SD1.5: ~40k)")
     eval_every: int = flag(1000, "evaluate on the held-out prompts every N iterations (and at the end)")
@@ -153,8 +155,8 @@ class Config:
     out: str = flag("runs/dmdr", "output folder")
     device: str = flag("auto", "auto (CUDA if present), cuda or cpu", choices=["auto", "cuda", "cpu"])
     precision: str = flag("auto", "auto: bf16 on CUDA, fp32 on CPU; bf16: frozen weights bf16 under bf16 autocast, "
-                          "trainable weights and optimisers fp32 (also runs on CPU, slowly); fp32: all float32",
-                          choices=["auto", "bf16", "fp32"])
+                          "trainable weights and optimisers fp32 (also runs on CPU, slowly); fp32: all float32 "
+                          "(on CUDA, TF32 matmuls and convolutions)", choices=["auto", "bf16", "fp32"])
     resume: bool = flag(False, "continue the run in --out exactly, from its checkpoint.pt; settings not given "
                           "come from its config.json")
     seed: int = flag(0, "seed of all sampling")
@@ -225,9 +227,9 @@ def validate(cfg):
         cfg.lr = 1e-5 if cfg.generator == "full" else 1e-4  # DMD2 / our choice
     if cfg.rl == "grpo" and cfg.grpo_group < 2:
         fail(f"--grpo-group {cfg.grpo_group}: GRPO normalises within a group", "use --grpo-group 4")
-    if cfg.rl == "grpo" and cfg.grpo_eta <= 0:
-        fail(f"--grpo-eta {cfg.grpo_eta}: an eta-0 step has no log-probability, so GRPO would not move",
-             "use --grpo-eta 1.0")
+    if cfg.rl == "grpo" and not 0 < cfg.grpo_eta <= 1:
+        fail(f"--grpo-eta {cfg.grpo_eta} is not in (0, 1]: an eta-0 step has no log-probability, so GRPO would not "
+             "move, and above 1 the step is no longer DDIM's", "use --grpo-eta 1.0")
     positive = ("iters", "batch_size", "eval_every", "save_every", "eval_teacher_steps", "dynadg_steps",
                 "dynars_steps", "generator_lora_rank", "fake_lora_rank", "fake_lora_scale", "dynars_a0", "dynars_b0",
                 "dpo_beta", "grpo_clip", "max_grad_norm")  # max_grad_norm <= 0 would reverse or zero the step
@@ -784,10 +786,11 @@ def teacher_sample(m, z, emb, uncond, steps, guidance):
     return x
 
 
-def decode(m, latents):
-    """(B, 4, h, w) -> images (B, 3, H, W) in [-1, 1], differentiable (ReFL backpropagates through it)."""
+def decode(m, latents, chunk=8):
+    """(B, 4, h, w) -> images (B, 3, H, W) in [-1, 1], differentiable (ReFL backpropagates through it); in chunks,
+    as the VAE's 512 px activations are GBs per image (DPO and GRPO decode 2B and B*G images for their rewards)."""
     with m.ctx():
-        return m.vae.decode(latents / m.vae.config.scaling_factor).sample.float()
+        return torch.cat([m.vae.decode(z / m.vae.config.scaling_factor).sample.float() for z in latents.split(chunk)])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1247,7 +1250,7 @@ def save_checkpoint(path, m, opt_g, opt_f, step):
 
 def load_checkpoint(path, m, opt_g, opt_f):
     try:
-        state = torch.load(path, map_location=m.device, weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)  # not beside the live model on the GPU
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # truncated, empty, a folder
         fail(f"{path} is unreadable ({type(e).__name__})", "restore it from a copy, or start a new --out")
     if (not isinstance(state, dict) or not {"step", "generator", "fake", "opt_g", "opt_f", "rng"} <= set(state)
@@ -1267,7 +1270,7 @@ def load_checkpoint(path, m, opt_g, opt_f):
                 params[n].copy_(v)
         else:
             m.gen_unet.load_state_dict(state["generator"])
-    m.dpo_ref = state.get("dpo_ref")
+    m.dpo_ref = None if state.get("dpo_ref") is None else {n: v.to(m.device) for n, v in state["dpo_ref"].items()}
     opt_g.load_state_dict(state["opt_g"]), opt_f.load_state_dict(state["opt_f"])
     random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"].cpu())
@@ -1288,7 +1291,8 @@ def save_generator(m, cfg, folder):
     lora = None
     if m.lora_generator:
         unet.add_adapter(generator_lora_config(cfg), adapter_name="generator")
-        unet.load_state_dict(generator_params(m), strict=False)
+        unexpected = unet.load_state_dict(generator_params(m), strict=False).unexpected_keys  # missing: the base
+        assert not unexpected, f"LoRA weights the saved UNet lacks (peft names changed?): {unexpected[:3]}"
         lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name="generator"))
         unet.fuse_lora(adapter_names=["generator"])
         unet.unload_lora()

@@ -114,7 +114,8 @@ class Config:
     eta: float = flag(1.0, "DDIM eta of training rollouts (E1: > 0 explores; 0 at evaluation and inference)")
     clip_range: float = flag(1e-4, "ratio clip range (E5); small because log-probs are averaged over dims (DDPO)")
     adv_clip_max: float = flag(5.0, "advantages are clipped to [-this, this] (DDPO)")
-    beta: float = flag(0.01, "weight of the KL to the student as RL starts, i.e. after BC (E6; our choice)")
+    beta: float = flag(0.01, "weight of the KL to the student as RL starts, i.e. after BC (E6; our choice); the "
+                       "KL is averaged over latent dims, like the log-prob")
     minibatches: int = flag(2, "optimiser steps per pass over an iteration's rollouts (DDPO-like)")
     train_batch: int = flag(4, "rollouts per forward/backward (gradient accumulation within a minibatch; memory)")
     sample_batch: int = flag(None, "rollouts per sampling forward (default --train-batch: under bf16 the UNet's "
@@ -126,7 +127,8 @@ class Config:
     ppo_min_count: int = flag(16, "--algo ppo: with fewer, normalise with the batch's statistics (DDPO)")
     eval_every: int = flag(25, "evaluate every this many iterations, and at start and end (0: start and end only)")
     eval_pairs: int = flag(16, "held-out (prompt, seed) pairs for evaluation (>= 2): the prompts in turn, each with "
-                           "a seed that training never draws")
+                           "a seed that training never draws (the CLIP Frechet distance of so few is a trend, "
+                           "not an FID)")
     ckpt_every: int = flag(25, "checkpoint every this many iterations, at the end and on Ctrl-C")
     max_nan_skips: int = flag(3, "stop after this many iterations in a row with non-finite rewards or gradients "
                                 "(their updates are skipped)")
@@ -136,8 +138,8 @@ class Config:
     out: str = flag("runs/redif", "output folder")
     device: str = flag("auto", "auto (CUDA if present), cuda or cpu", choices=["auto", "cuda", "cpu"])
     precision: str = flag("auto", "auto: bf16 on CUDA, fp32 on CPU; bf16: frozen weights bf16 under bf16 autocast, "
-                          "trainable weights and optimiser fp32 (also runs on CPU, slowly); fp32: all float32",
-                          choices=["auto", "bf16", "fp32"])
+                          "trainable weights and optimiser fp32 (also runs on CPU, slowly); fp32: all float32 "
+                          "(on CUDA, TF32 matmuls and convolutions)", choices=["auto", "bf16", "fp32"])
     resume: bool = flag(False, "continue the run in --out exactly, from its checkpoint.pt; settings not given "
                           "come from its config.json")
     seed: int = flag(0, "seed of everything (LoRA init, prompt and seed draws, eta-noise)")
@@ -282,7 +284,7 @@ def trailing_timesteps(num_steps, num_train_timesteps=1000):
 
 def sampler_grid(num_steps, num_train_timesteps=1000):
     """([t_k], [t_prev_k]), k = 1..K. t_prev = t - 1000 // K as in diffusers' DDIMScheduler.step, so a stock
-    pipeline is the student's sampler (= t_{k+1} whenever K divides 1000; < 0 after the last step)."""
+    pipeline is the student's sampler (= t_{k+1} whenever K divides 1000; <= 0 after the last step)."""
     timesteps = trailing_timesteps(num_steps, num_train_timesteps)
     return timesteps.tolist(), (timesteps - num_train_timesteps // num_steps).tolist()
 
@@ -455,6 +457,9 @@ def trainable_state(unet):
     return {n: p.detach().float().cpu().clone() for n, p in unet.named_parameters() if p.requires_grad}
 
 
+TEXT_CACHE_SIZE = 1024  # prompts whose embeddings (77 x 768 float32: 236 KB each) stay on the device
+
+
 @torch.no_grad()
 def encode_prompts(models, prompts):
     """Text embeddings (B, 77, D), cached per prompt (the text encoder is frozen)."""
@@ -465,7 +470,10 @@ def encode_prompts(models, prompts):
                   return_tensors="pt").input_ids.to(models.device)
         with models.ctx():
             models.text_cache.update(zip(missing, models.pipe.text_encoder(ids)[0].float()))
-    return torch.stack([models.text_cache[p] for p in prompts])
+    embeddings = torch.stack([models.text_cache[p] for p in prompts])
+    for p in list(models.text_cache)[:-TEXT_CACHE_SIZE]:  # the oldest: a long prompt file stays within ~240 MB
+        del models.text_cache[p]
+    return embeddings
 
 
 def initial_noise(seeds, latent_size, device):
@@ -853,7 +861,7 @@ def rl_update(models, optimizer, rollout, advantages, generator):
     --clip-range would clip the update away)."""
     latents, old_log_probs, cond = rollout  # (B, K+1, 4, h, w), (B, K), (B, 77, D)
     cfg, logs, first, skipped = models.cfg, [], None, 0
-    models.student.train()  # SD's UNet has no dropout; train() switches gradient checkpointing on
+    models.student.train()  # changes no output: SD's UNet and our LoRA have no dropout
     for _ in range(cfg.inner_epochs):
         for minibatch in torch.randperm(len(latents), generator=generator).to(latents.device).chunk(cfg.minibatches):
             for mb in minibatch.split(cfg.train_batch):
@@ -1081,7 +1089,8 @@ def save_student(models, folder):
     state, lora = trainable_state(models.student), None
     if cfg.finetune == "lora":
         pipe.unet.add_adapter(lora_config(cfg))
-        pipe.unet.load_state_dict(state, strict=False)
+        unexpected = pipe.unet.load_state_dict(state, strict=False).unexpected_keys  # missing: the base weights
+        assert not unexpected, f"LoRA weights the saved UNet lacks (peft names changed?): {unexpected[:3]}"
         lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
         pipe.unet.fuse_lora()
         pipe.unet.unload_lora()
@@ -1164,8 +1173,9 @@ def validate(cfg):
              "use a smaller --seed-pool, e.g. 32")
     if cfg.teacher_cache:
         check_folder("--teacher-cache", Path(cfg.teacher_cache))
-    if cfg.iters > 0 and cfg.eta <= 0:
-        fail("--eta must be > 0 for RL: an eta-0 step has no log-probability", "use --eta 1.0")
+    if cfg.iters > 0 and not 0 < cfg.eta <= 1:
+        fail(f"--eta {cfg.eta} is not in (0, 1]: an eta-0 step has no log-probability, and above 1 the step is no "
+             "longer DDIM's", "use --eta 1.0")
     if cfg.eval_pairs < 2:
         fail("--eval-pairs must be at least 2 (the Frechet distance needs a covariance)", "use --eval-pairs 16")
     return parse_reward(cfg.reward), load_prompts(cfg)

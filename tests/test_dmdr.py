@@ -359,6 +359,7 @@ def test_run_summary_names_device_and_precision_and_warns_of_a_cpu_run_at_sd_sca
     (["--reward", "clip_text=nan"], "--reward weight clip_text=nan is not finite"),
     (["--batch-size", str(2 ** 31)], "is too large"),
     (["--rl", "grpo", "--rl-start", "0", "--grpo-eta", "0"], "--grpo-eta 0.0"),  # no log-prob: GRPO would not move
+    (["--rl", "grpo", "--rl-start", "0", "--grpo-eta", "1.5"], "--grpo-eta 1.5 is not in (0, 1]"),  # not DDIM
 ])
 def test_bad_input_one_line_error(args, message, prompt_file, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -1222,6 +1223,18 @@ def test_aesthetic_reward_loads_the_laion_checkpoint_and_is_differentiable(promp
         bad = dataclasses.replace(cfg, aesthetic_model=str(tmp_path / "bad.pth"))
         dmdr.load_aesthetic(bad, m.device, torch.float32)
     assert str(e.value).startswith("error: could not load the aesthetic head") and "\n" not in str(e.value)
+
+
+def test_decode_in_chunks_is_one_decode_and_keeps_the_gradient(lora_models):
+    """DPO and GRPO decode 2B and B*G images for their rewards: in chunks of 8, with the value and the gradient
+    of one VAE call on all of them."""
+    z = torch.randn(9, *dmdr.latent_shape(lora_models), generator=torch.Generator().manual_seed(0),
+                    requires_grad=True)
+    chunked, whole = dmdr.decode(lora_models, z), dmdr.decode(lora_models, z, chunk=9)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    grads = [torch.autograd.grad((images * torch.arange(images.numel()).view_as(images)).sum(), z)[0]
+             for images in (chunked, whole)]
+    torch.testing.assert_close(*grads, rtol=1e-3, atol=1e-3 * grads[1].abs().max().item())  # kernels by batch size
 
 
 def test_the_aesthetic_score_reads_its_own_clip(prompt_file, tmp_path):

@@ -1019,6 +1019,17 @@ def test_reward_preprocessing_normalises_with_the_models_mean_and_std():
     torch.testing.assert_close(x, expected.view(1, 3, 1, 1).expand(2, 3, 8, 8), rtol=1e-5, atol=1e-5)
 
 
+def test_the_text_cache_keeps_the_newest_prompts(workdir, monkeypatch):
+    """encode_prompts caches each prompt's embedding, up to TEXT_CACHE_SIZE of them (a COCO-sized prompt file
+    would otherwise pile GBs onto the GPU): the first cached go first, and an evicted prompt encodes the same."""
+    cfg, models, *_ = tiny_trainer(workdir)
+    monkeypatch.setattr(redif, "TEXT_CACHE_SIZE", 2)
+    first = redif.encode_prompts(models, ["a cat", "a car"])
+    redif.encode_prompts(models, ["a bowl", "a cat"])
+    assert list(models.text_cache) == ["a car", "a bowl"]  # first in, first out
+    torch.testing.assert_close(redif.encode_prompts(models, ["a cat", "a car"]), first)
+
+
 def test_offline_tokenizer_matches_sd():
     assert redif.offline_clip_tokenizer()("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
 
@@ -1193,6 +1204,8 @@ def test_bad_inputs(workdir, monkeypatch):
                           (["--eval-every", "-1"], "--eval-every -1 must be non-negative"),
                           (["--lr", "-1"], "--lr -1.0 must be non-negative"),
                           (["--eta", "nan"], "--eta nan is not a finite number"),
+                          (["--eta", "0"], "--eta 0.0 is not in (0, 1]"),  # no log-probability
+                          (["--eta", "1.5"], "--eta 1.5 is not in (0, 1]"),  # not a DDIM step
                           (["--teacher-guidance", "inf"], "--teacher-guidance inf is not a finite number"),
                           (["--reward", "clip=nan"], "--reward weight clip=nan is not finite"),
                           (["--seed", str(2 ** 32)], f"--seed {2 ** 32} is out of range"),
