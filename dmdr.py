@@ -1228,7 +1228,7 @@ def write_failed(path, error):
     reason = (error.strerror if isinstance(error, OSError) and error.strerror
               else f"the write failed ({str(error).strip().splitlines()[-1]})")
     fail(f"could not write {path}: {reason}", "free disk space or fix permissions, then run again; the files there "
-         "are intact, and --resume continues from the last checkpoint")
+         "are intact, and --resume continues from the last checkpoint, if one was saved")
 
 
 def parse_json(line):

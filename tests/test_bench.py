@@ -136,7 +136,7 @@ def test_a_disk_that_fills_mid_run_is_one_line_and_resume_finishes_the_run(scrip
     assert str(stopped.value) == (
         f"error: could not write {out / saved}: the write failed (Error while serializing: I/O error: No space left "
         "on device (os error 28)) (fix: free disk space or fix permissions, then run again; the files there are "
-        "intact, and --resume continues from the last checkpoint)")
+        "intact, and --resume continues from the last checkpoint, if one was saved)")
     assert (out / "checkpoint.pt").exists() and not any(p.name.startswith(saved) for p in out.iterdir())
     mod.main(args + ["--resume"])
     assert (out / saved / "model_index.json").exists()
