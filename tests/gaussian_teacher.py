@@ -6,6 +6,7 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.loaders import PeftAdapterMixin
+from diffusers.loaders.peft import _SET_ADAPTER_SCALE_FN_MAPPING
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 import dmdr  # its SD noise schedule, the one both scripts use
@@ -17,6 +18,11 @@ def gaussian_eps(x_t, abar, mean, var):
     E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mean) / (abar var + 1 - abar)."""
     abar, mean = abar.view(-1, 1, 1, 1), torch.as_tensor(mean, dtype=x_t.dtype).view(1, -1, 1, 1)
     return (1 - abar).sqrt() * (x_t - abar.sqrt() * mean) / (abar * var + 1 - abar)
+
+
+# set_adapters looks its scale expansion up by class name: recent diffusers (0.42) default to the identity, 0.32
+# (requirements.txt's lowest) raises KeyError for a class it does not list
+_SET_ADAPTER_SCALE_FN_MAPPING.setdefault("GaussianScoreUNet", lambda model, weights: weights)
 
 
 class GaussianScoreUNet(ModelMixin, ConfigMixin, PeftAdapterMixin):
