@@ -1226,7 +1226,7 @@ def is_write_error(e):
 
 def write_failed(path, error):
     reason = (error.strerror if isinstance(error, OSError) and error.strerror
-              else f"the write failed ({str(error).strip().splitlines()[-1]})")
+              else f"the write failed ({(str(error).strip().splitlines() or [type(error).__name__])[-1]})")
     fail(f"could not write {path}: {reason}", "free disk space or fix permissions, then run again; the files there "
          "are intact, and --resume continues from the last checkpoint, if one was saved")
 

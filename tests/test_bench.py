@@ -1,6 +1,7 @@
 """bench/sd_profile.py, the GPU benchmark: its cases run on the tiny teacher, and the floor it computes from a
 profile line's image counts is the scripts' own floor (same counts, same per-image costs)."""
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -104,6 +105,70 @@ RUNS = {"redif": ["--teacher", "tiny", "--device", "cpu", "--resolution", "8", "
                   "0", "--iters", "1"],
         "dmdr": ["--teacher", "tiny", "--device", "cpu", "--steps", "1", "--batch-size", "2", "--fake-updates", "1",
                  "--eval-teacher-steps", "1", "--num-eval-prompts", "2", "--iters", "1"]}
+
+
+def test_only_torch_saves_zip_writer_error_counts_as_a_write_failure(tmp_path, monkeypatch):
+    """X41: is_write_error takes a RuntimeError for a full disk only when torch.save's zip writer raised it
+    (inline_container.cc). Any other RuntimeError inside a save (a bug, an OOM) stays itself, with its traceback,
+    not 'could not write ...: free disk space'; the temp file still goes."""
+    for mod in (dmdr, redif):
+        assert mod.is_write_error(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4 vs 2"))
+        assert not mod.is_write_error(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+        assert mod.is_write_error(OSError(28, "No space left on device"))
+
+        def broken(obj, f):
+            f.write(b"PK")
+            raise RuntimeError("Cannot pickle a tensor subclass")
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "save", broken)
+            path = tmp_path / f"{mod.__name__}.pt"
+            with pytest.raises(RuntimeError, match="Cannot pickle"):
+                mod.atomic_write(path, {"x": torch.zeros(1)})
+        assert list(tmp_path.iterdir()) == []
+        with pytest.raises(SystemExit, match=r"could not write x: the write failed \(OSError\) \(fix"):
+            mod.write_failed("x", OSError())  # an error without a message
+
+
+@pytest.mark.parametrize("script", ["dmdr", "redif"])
+def test_a_folder_gone_read_only_mid_run_is_one_line_naming_the_file(script, tmp_path, monkeypatch):
+    """main turns EROFS (a folder gone read-only: a remount, a quota's read-only fallback) under a sample grid into
+    one line, like ENOSPC, and the line names the file that could not be written (OSError.filename)."""
+    from PIL import Image
+    mod = {"dmdr": dmdr, "redif": redif}[script]
+    out = tmp_path / "run"
+
+    def read_only(self, fp, *a, **kw):
+        raise OSError(errno.EROFS, "Read-only file system", str(fp))
+    monkeypatch.setattr(Image.Image, "save", read_only)
+    with pytest.raises(SystemExit) as stopped:
+        mod.main(RUNS[script] + ["--out", str(out)])
+    message = str(stopped.value)
+    assert message.startswith(f"error: could not write {out / 'samples_'}") and "\n" not in message
+    assert ".png: Read-only file system (fix: free disk space or fix permissions" in message
+
+
+@pytest.mark.parametrize("script", ["dmdr", "redif"])
+def test_resume_takes_the_prompts_and_the_teacher_cache_from_a_new_path(script, tmp_path):
+    """RESUME_FREE holds prompts (both scripts) and teacher_cache (redif): the file or the cache folder may move,
+    their content is what is checked (check_same_prompts; the cache is keyed by content). A --resume giving the new
+    path continues the run with it, and names the change."""
+    mod = {"dmdr": dmdr, "redif": redif}[script]
+    prompts = ["a cat", "a dog", "a bird", "a fish"]
+    (tmp_path / "old.txt").write_text("".join(p + "\n" for p in prompts))
+    (tmp_path / "moved.txt").write_text("".join(p + "\n" for p in prompts))
+    out = tmp_path / "run"
+    out.mkdir()
+    extra = ["--teacher-cache", str(tmp_path / "c1")] if script == "redif" else []
+    cfg = mod.parse_args(RUNS[script] + ["--prompts", str(tmp_path / "old.txt"), "--out", str(out), *extra])
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    (out / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
+    argv = ["--out", str(out), "--resume", "--prompts", str(tmp_path / "moved.txt")]
+    argv += ["--teacher-cache", str(tmp_path / "c2")] if script == "redif" else []
+    resumed = mod.resume_config(mod.parse_args(argv), mod.given_flags(argv), out)
+    if script == "redif":
+        resumed, changed = resumed
+        assert resumed.teacher_cache == str(tmp_path / "c2") and set(changed) == {"teacher_cache", "prompts"}
+    assert resumed.prompts == str(tmp_path / "moved.txt")
 
 
 @pytest.mark.parametrize("script", ["dmdr", "redif"])
@@ -297,11 +362,13 @@ def test_unet_rate_prices_the_vae_per_decoded_image(monkeypatch):
 
 def test_a_case_starts_from_a_fresh_run_folder(tmp_path, monkeypatch):
     """A case rerun into the same --out first removes the last run's checkpoint.pt and metrics (the scripts
-    refuse to start over a checkpoint)."""
+    refuse to start over a checkpoint) and its teacher cache (the profile would time another workload)."""
     run_dir = tmp_path / "redif-lora"
     run_dir.mkdir()
     for name in ("checkpoint.pt", "metrics.jsonl"):
         (run_dir / name).write_text("old")
+    (run_dir / "teacher_cache").mkdir()  # cached teachers would skip the timed teacher phase
+    (run_dir / "teacher_cache" / "0123.pt").write_text("old")
     left = []
     monkeypatch.setattr(sd_profile, "run", lambda cmd, log, timeout: left.extend(p.name for p in run_dir.iterdir())
                         or (1, 0.0))

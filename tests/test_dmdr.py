@@ -390,6 +390,69 @@ def test_bad_input_one_line_error(args, message, prompt_file, tmp_path, monkeypa
     assert not out.exists()  # nothing was written
 
 
+def test_a_config_json_with_null_for_a_setting_that_has_a_default_is_refused(prompt_file, tmp_path):
+    """fits() lets null through only for the settings whose default is None (lr, rl_weight, prompts, ...)."""
+    fields = {f.name: f for f in dataclasses.fields(dmdr.Config)}
+    assert dmdr.fits(None, fields["lr"]) and dmdr.fits(None, fields["prompts"])
+    assert not dmdr.fits(None, fields["steps"]) and not dmdr.fits(None, fields["real_guidance"])
+    out = tmp_path / "run"
+    out.mkdir()
+    config = dataclasses.asdict(dmdr.parse_args(tiny_args(prompt_file, out)))
+    (out / "config.json").write_text(json.dumps({**config, "steps": None}))
+    argv = ["--out", str(out), "--resume"]
+    with pytest.raises(SystemExit, match="values no flag gives: steps=None"):
+        dmdr.resume_config(dmdr.parse_args(argv), dmdr.given_flags(argv), out)
+
+
+def test_a_training_prompt_is_needed_beyond_the_held_out_ones(tmp_path):
+    """With exactly --num-eval-prompts prompts nothing is left to train on: one line, before any model."""
+    path = tmp_path / "two.txt"
+    path.write_text("a cat\na dog\n")
+    cfg = dmdr.parse_args(["--teacher", "tiny", "--prompts", str(path), "--num-eval-prompts", "2", "--out",
+                           str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="2 prompts but 2 are held out"):
+        dmdr.validate(cfg)
+    path.write_text("a cat\na dog\na bird\n")
+    assert dmdr.validate(cfg) == (["a cat"], ["a dog", "a bird"])
+
+
+class Stop(Exception):
+    pass
+
+
+def test_each_optimiser_runs_at_its_own_lr(prompt_file, tmp_path, monkeypatch):
+    """main sets each optimiser's lr from its flag: the generator's at --lr, the fake score's at --fake-lr."""
+    seen = {}
+
+    def generator_update(m, cfg, opt_g, step, prompts):
+        seen["g"] = [g["lr"] for g in opt_g.param_groups]
+        return {"dmd_loss": 0.0}
+
+    def fake_updates(m, cfg, opt_f, step, prompts):
+        seen["f"] = [g["lr"] for g in opt_f.param_groups]
+        raise Stop
+    monkeypatch.setattr(dmdr, "generator_update", generator_update)
+    monkeypatch.setattr(dmdr, "fake_updates", fake_updates)
+    with pytest.raises(Stop):
+        dmdr.main(tiny_args(prompt_file, tmp_path / "run", "none", 1, "--lr", "2e-4", "--fake-lr", "3e-6"))
+    assert seen == {"g": [2e-4], "f": [3e-6]}
+
+
+def test_resume_drops_profile_lines_and_keeps_the_runs_own(prompt_file, tmp_path):
+    """A --resume --profile appends a "profile" line (its timing, not the run's); the next --resume cuts
+    metrics.jsonl back to the checkpoint's iterations without it: the run's lines are those of the run alone."""
+    out = tmp_path / "run"
+    dmdr.main(tiny_args(prompt_file, out, "none", 1, "--eval-every", "1000"))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iter"] for line in lines] == [1]
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"phase": "profile", "iter": 1, "iters": 1, "wall_s": 1.0}) + "\n")
+    dmdr.main(["--out", str(out), "--resume", "--iters", "2"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("phase") for r in rows] == [None, None] and [r["iter"] for r in rows] == [1, 2]
+    assert (out / "metrics.jsonl").read_text().splitlines()[0] == lines[0]
+
+
 def test_existing_run_is_never_overwritten(runs, prompt_file):
     before = (runs["dpo"] / "metrics.jsonl").read_text()
     with pytest.raises(SystemExit, match="already holds a run"):
@@ -860,6 +923,75 @@ def test_the_grpo_step_explores_at_grpo_eta(lora_models, monkeypatch):
         dmdr.grpo_loss(m, cfg, dmdr.encode_prompts(m, PROMPTS[:2]), PROMPTS[:2])
     assert stds[1.0].max() > 0
     torch.testing.assert_close(stds[0.25], 0.25 * stds[1.0])
+
+
+@pytest.fixture(scope="module")
+def four_step_lora_models(prompt_file, tmp_path_factory):
+    """A K=4 LoRA generator whose LoRA is away from 0, so the generator is not the teacher."""
+    cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path_factory.mktemp("m4"), "none", 2, "--steps", "4"))
+    m = dmdr.build_models(cfg, torch.device("cpu"))
+    m.uncond = dmdr.encode_prompts(m, [""])
+    with torch.no_grad():
+        for p in dmdr.generator_params(m).values():
+            p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return m
+
+
+def test_the_grpo_step_samples_each_group_around_its_own_state(four_step_lora_models, monkeypatch):
+    """X49: GRPO's stochastic last step (E1) draws episode i of group b from N(mu(x_b, eps_b), sigma^2): the state
+    handed to the DDIM step is row b of the rollout's states, the same row as its epsilon, for all G episodes. The
+    policy's mean, hence each sample and its reward, is then that of its own prompt; checked against the rollout."""
+    m = four_step_lora_models
+    cfg = dataclasses.replace(dmdr.parse_args(["--teacher", "tiny"]), reward_weights="random", grpo_group=3)
+    prompts = PROMPTS[:2]
+    emb = dmdr.encode_prompts(m, prompts)
+    seen, rollout, step = {}, dmdr.generator_rollout, dmdr.ddim_step_with_logprob
+    monkeypatch.setattr(dmdr, "generator_rollout", lambda *a, **k: seen.setdefault("x", rollout(*a, **k)))
+
+    def ddim(eps, t, t_prev, sample, ac, **kw):
+        out = step(eps, t, t_prev, sample, ac, **kw)
+        seen.update(eps=eps.detach(), state=sample, mean=out[2].detach(), std=out[3], action=out[0].detach())
+        return out
+    monkeypatch.setattr(dmdr, "ddim_step_with_logprob", ddim)
+    monkeypatch.setattr(dmdr, "reward_fn", lambda m_, cfg_, images, p: seen.setdefault("prompts", p) and
+                        torch.arange(len(p), dtype=torch.float))
+    dmdr.grpo_loss(m, cfg, emb, prompts)
+    x, K = seen["x"], len(m.timesteps)
+    with torch.no_grad():
+        eps = dmdr.generator_eps(m, x, m.timesteps[K - 1], emb)
+    assert torch.equal(seen["state"], x.repeat_interleave(3, 0))
+    torch.testing.assert_close(seen["eps"], eps.repeat_interleave(3, 0))
+    abar = m.alphas_cumprod
+    x0 = (x - (1 - abar[m.timesteps[K - 1]]).sqrt() * eps) / abar[m.timesteps[K - 1]].sqrt()
+    torch.testing.assert_close(seen["mean"], (abar[0].sqrt() * x0 + (1 - abar[0] - seen["std"] ** 2).clamp(min=0)
+                                              .sqrt() * eps).repeat_interleave(3, 0), rtol=1e-4, atol=1e-5)
+    assert seen["prompts"] == [p for p in prompts for _ in range(3)]
+
+
+def test_the_dpo_pair_is_noised_with_one_noise_at_one_timestep(four_step_lora_models, monkeypatch):
+    """X52: Diffusion-DPO compares winner and loser at the SAME (t, noise): x_t^w - x_t^l = sqrt(abar_t) (x_w - x_l)
+    exactly, with t the timestep the UNet is given for both rows (B=4 prompts, K=4 grid)."""
+    m = four_step_lora_models
+    cfg = dataclasses.replace(dmdr.parse_args(["--teacher", "tiny"]), reward_weights="random")
+    prompts = PROMPTS[:4]
+    emb = dmdr.encode_prompts(m, prompts)
+    seen, calls, sample, eps = {}, [], dmdr.sample_generator, dmdr.generator_eps
+    monkeypatch.setattr(dmdr, "reward_fn", lambda *a: torch.tensor([0.9, 0.1, 0.2, 0.8, 0.5, 0.6, 0.7, 0.3]))
+    monkeypatch.setattr(dmdr, "sample_generator", lambda *a, **k: seen.setdefault("x0", sample(*a, **k)))
+    monkeypatch.setattr(dmdr, "generator_eps", lambda m_, x, t, e: calls.append((x.detach(), t)) or eps(m_, x, t, e))
+    m.dpo_ref = dmdr.snapshot_generator(m)
+    torch.manual_seed(1)
+    dmdr.dpo_loss(m, cfg, emb, prompts)
+    m.dpo_ref = None
+    x0 = seen["x0"]
+    win = torch.tensor([0.9, 0.1, 0.2, 0.8]) >= torch.tensor([0.5, 0.6, 0.7, 0.3])
+    x_w = torch.where(win.view(4, 1, 1, 1), x0[:4], x0[4:])
+    x_l = torch.where(win.view(4, 1, 1, 1), x0[4:], x0[:4])
+    (x_t, t2), (x_t2, _) = calls[-2], calls[-1]
+    assert torch.equal(x_t, x_t2) and torch.equal(t2[:4], t2[4:])
+    assert t2[:4].unique().numel() > 1 and not torch.equal(t2[:4], t2[:4].flip(0))  # the check has teeth
+    abar = m.alphas_cumprod[t2[:4]].view(4, 1, 1, 1)
+    torch.testing.assert_close(x_t[:4] - x_t[4:], abar.sqrt() * (x_w - x_l), rtol=1e-4, atol=1e-5)
 
 
 def test_the_generator_step_applies_the_clipped_gradient(lora_models):

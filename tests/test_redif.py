@@ -634,6 +634,54 @@ def test_bc_regresses_the_students_eta0_step_not_the_training_policys_mean(workd
     assert logged == pytest.approx(mse(0.0), rel=1e-5)
 
 
+def test_draw_pairs_draws_every_prompt_and_every_pool_seed():
+    """Y42 (and N09's seed side): draw_pairs is uniform over prompts x range(seed_pool)."""
+    cfg = redif.parse_args(["--prompts-per-iter", "400", "--seed-pool", "4"])
+    prompts = ["a", "b", "c"]
+    drawn, seeds = redif.draw_pairs(cfg, prompts, torch.Generator().manual_seed(0))
+    assert set(drawn) == set(prompts) and set(seeds) == set(range(4))
+    assert all(80 < drawn.count(p) < 190 for p in prompts)
+
+
+def test_full_finetune_under_bf16_keeps_the_frozen_teacher_copy_in_bf16(workdir):
+    """--finetune full --precision bf16: the student (trainable) is float32, its frozen teacher copy is bf16 like
+    the VAE and text encoder (a float32 copy would double the teacher's memory)."""
+    cfg, models, *_ = tiny_trainer(workdir, "--finetune", "full", "--precision", "bf16")
+    assert {p.dtype for p in models.student.parameters()} == {torch.float32}
+    assert {p.dtype for p in models.teacher_unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in models.pipe.vae.parameters()} == {torch.bfloat16}
+
+
+def test_clipfrac_first_weights_each_chunk_by_its_rows(monkeypatch):
+    """Y51: clipfrac_first is the fraction of the first minibatch's rows whose ratio left the clip range: chunks of
+    --train-batch rows are averaged weighted by their rows (2 rows at 0.0 and 1 row at 1.0: 1/3, not 1/2)."""
+    cfg = types.SimpleNamespace(inner_epochs=1, minibatches=1, train_batch=2, steps=1)
+    models = types.SimpleNamespace(cfg=cfg, student=torch.nn.Linear(1, 1))
+
+    def step(models_, latents, old, adv, cond, k, t, t_prev):
+        frac = 1.0 if len(latents) == 1 else 0.0
+        return torch.zeros((), requires_grad=True), dict(loss=0.0, kl=0.0, approx_kl=0.0, clipfrac=frac,
+                                                         ratio_err=frac)
+    monkeypatch.setattr(redif, "policy_loss_step", step)
+    monkeypatch.setattr(redif, "optimiser_step", lambda models_, optimizer: True)
+    rollout = (torch.zeros(3, 2, 1), torch.zeros(3, 1), torch.zeros(3, 1))
+    record = redif.rl_update(models, None, rollout, torch.zeros(3), torch.Generator().manual_seed(0))
+    assert record["clipfrac_first"] == pytest.approx(1 / 3) and record["ratio_err_first"] == 1.0
+
+
+def test_save_student_over_a_crashed_saves_leftovers_holds_only_the_new_student(workdir, tmp_path):
+    """A crash mid-save leaves student.tmp; the next save starts that folder afresh, so no file of the old
+    attempt (here a LoRA file, in what is now a full fine-tune's folder) ends up in the student."""
+    cfg, models, *_ = tiny_trainer(workdir, "--finetune", "full")
+    tmp = tmp_path / "student.tmp"
+    tmp.mkdir()
+    (tmp / "pytorch_lora_weights.safetensors").write_bytes(b"stale")
+    redif.save_student(models, tmp_path / "student")
+    assert not tmp.exists()
+    assert not (tmp_path / "student" / "pytorch_lora_weights.safetensors").exists()
+    assert (tmp_path / "student" / "model_index.json").exists()
+
+
 def test_kl_reference_is_the_student_as_rl_starts_not_the_pre_bc_teacher(workdir):
     """E6 after E7: the first RL minibatch is evaluated before any RL update, so its KL to the reference is
     exactly 0 only if the reference is the BC'd student (the teacher would give KL > 0: BC moved the LoRA)."""

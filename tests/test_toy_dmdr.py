@@ -1,5 +1,6 @@
 """toy/dmdr.py: the DMD gradient (E8) against closed forms, the cold-start schedules (E10, E11), the sampler,
 and one seeded learning test per method (DMD, RL only, DMDR with ReFL / DPO / GRPO)."""
+import copy
 import math
 
 import pytest
@@ -299,6 +300,104 @@ def test_train_dmdr_rejects_bad_config_before_training(override, match):
 # ---------------------------------------------------------------------------------------------------
 # Seeded learning tests (margins: see the numbers over seeds 0-2 in the comments)
 # ---------------------------------------------------------------------------------------------------
+def test_grpo_and_dpo_groups_share_label_and_state(monkeypatch):
+    """T43: the G members of a GRPO group (the 2 of a DPO pair) start from one state, label and time: the first
+    batch // G final-step states, each repeated G times in a row."""
+    seen, step = [], toy.dmdr.stochastic_x0_step
+
+    def spy(model, x, t, labels, ac, generator=None, prev_sample=None):
+        if prev_sample is None:
+            seen.append((x.clone(), torch.as_tensor(t).clone(), labels.clone()))
+        return step(model, x, t, labels, ac, generator=generator, prev_sample=prev_sample)
+    monkeypatch.setattr(toy.dmdr, "stochastic_x0_step", spy)
+    data = GaussianMixture()
+    model = EpsMLP(data.num_modes).to(DTYPE)
+    for rl, group in (("grpo", 4), ("dpo", 2)):
+        seen.clear()
+        cfg = toy.dmdr.ToyDMDRConfig(rl=rl, batch=8, group_size=4, steps=2)
+        g = torch.Generator().manual_seed(0)
+        x_K = torch.randn(8, 2, generator=g, dtype=DTYPE)
+        t_K = torch.full((8,), 499)
+        labels = torch.arange(8) % data.num_modes
+        toy.dmdr.rl_loss(cfg, model, copy.deepcopy(model), x_K, t_K, labels, sd_alphas_cumprod(), g)
+        xs, ts, ls = seen[0]
+        n = 8 // group
+        assert torch.equal(xs, x_K[:n].repeat_interleave(group, 0))
+        assert torch.equal(ls, labels[:n].repeat_interleave(group, 0))
+        assert torch.equal(ts, t_K[:n].repeat_interleave(group, 0))
+
+
+def test_dpo_loss_is_against_the_reference_policy():
+    """T54: rl_loss's DPO term by hand: sample the stochastic last step with the generator, rank each pair by
+    reward, score both samples under the generator and under the reference (a different network)."""
+    data = GaussianMixture()
+    torch.manual_seed(0)
+    model, ref = EpsMLP(data.num_modes).to(DTYPE), EpsMLP(data.num_modes).to(DTYPE)
+    ac = sd_alphas_cumprod()
+    cfg = toy.dmdr.ToyDMDRConfig(rl="dpo", batch=8, dpo_beta=0.05)
+    x_K = torch.randn(8, 2, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    t_K, labels = torch.full((8,), 249), torch.arange(8) % data.num_modes
+    loss = toy.dmdr.rl_loss(cfg, model, ref, x_K, t_K, labels, ac, torch.Generator().manual_seed(2))
+    xs, ts, ls = (v[:4].repeat_interleave(2, 0) for v in (x_K, t_K, labels))
+    sample, lp = toy.dmdr.stochastic_x0_step(model, xs, ts, ls, ac, generator=torch.Generator().manual_seed(2))
+    _, lp_ref = toy.dmdr.stochastic_x0_step(ref, xs, ts, ls, ac, prev_sample=sample)
+    order = toy.dmdr.toy_reward(sample).reshape(4, 2).argsort(-1, descending=True)
+    ratio = (lp - lp_ref).reshape(4, 2).gather(1, order)
+    expected = -torch.nn.functional.logsigmoid(0.05 * (ratio[:, 0] - ratio[:, 1])).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+    assert abs(expected.item() - math.log(2)) > 1e-6  # the reference matters: not the log 2 of a zero log-ratio
+
+
+def test_fake_delta_is_sqrt_abar_times_the_net():
+    """T52: FakeScore.delta = sqrt(abar_t) * net(x, t, c), so its x0 correction -sqrt(1 - abar_t) * delta /
+    sqrt(abar_t) is O(net) at every t. With the net's last layer a constant b, delta = sqrt(abar_t) * b."""
+    data = GaussianMixture()
+    fake = toy.dmdr.FakeScore(data)
+    ac = sd_alphas_cumprod()
+    with torch.no_grad():
+        fake.net[-1].bias.copy_(torch.tensor([0.3, -0.2], dtype=DTYPE))
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
+    t = torch.tensor([999, 800, 500, 200, 20, 0])
+    labels = torch.arange(6) % data.num_modes
+    expected = ac[t].sqrt().unsqueeze(-1) * torch.tensor([0.3, -0.2], dtype=DTYPE)
+    torch.testing.assert_close(fake.delta(x, t, labels, ac), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fake(x, t, labels, ac), data.eps(x, t, labels, ac) + expected, rtol=1e-12, atol=1e-12)
+
+
+def test_fake_score_adam_has_no_momentum(monkeypatch):
+    """T44: the fake delta's Adam runs with beta1 = 0 (module docstring: momentum only adds lag to a moving
+    target). Check the optimiser train_dmdr builds for the FakeScore's parameters."""
+    made, Adam = [], torch.optim.Adam
+
+    def spy(params, **kw):
+        params = list(params)
+        made.append((params, kw))
+        return Adam(params, **kw)
+    monkeypatch.setattr(torch.optim, "Adam", spy)
+    data = GaussianMixture()
+    cfg = toy.dmdr.ToyDMDRConfig(steps=1, iters=1, batch=8, fake_updates=1, fake_draws=1)
+    toy.dmdr.train_dmdr(data, EpsMLP(data.num_modes).to(DTYPE), cfg)
+    fake = [kw for params, kw in made if params[0].shape == (toy.dmdr.FakeScore(data).label_emb.weight.shape)]
+    assert len(made) == 2 and len(fake) == 1
+    assert fake[0]["lr"] == cfg.fake_lr and tuple(fake[0].get("betas", (0.9, 0.999)))[0] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# redif.py / dmdr.py: resume, validation, write errors (X41-X45, X47, Y41, Y42, Y46, Y47, Y50)
+# ---------------------------------------------------------------------------------------------------
+TINY = ["--teacher", "tiny", "--device", "cpu", "--resolution", "8", "--steps", "2", "--teacher-steps", "10",
+        "--group", "2", "--prompts-per-iter", "2", "--seed-pool", "2", "--eval-pairs", "4"]
+PROMPTS = ["a photo of a cat", "a red car on a road", "a bowl of soup", "a lighthouse", "a corgi", "a teapot"]
+
+
+def test_dynars_with_no_horizon_is_uniform_from_the_start():
+    """T55: E11 with S = 0 has no cold start: c = 0, so Beta(1, 1) (uniform renoise times) at every step."""
+    for step in (0, 1, 50):
+        assert toy.dmdr.dynars_beta(step, 4.0, 1.5, 0) == (1.0, 1.0)
+    t = toy.dmdr.sample_renoise_timesteps(4000, 0, 4.0, 1.5, 0, generator=torch.Generator().manual_seed(0))
+    assert abs(t.double().mean().item() - 500) < 15  # uniform on [20, 980]; Beta(4, 1.5) would give ~718
+
+
 def sliced_w2(a, b, num_proj=128):
     theta = torch.linspace(0, math.pi, num_proj + 1, dtype=DTYPE)[:-1]
     dirs = torch.stack([theta.cos(), theta.sin()], -1)  # (P, 2)

@@ -12,10 +12,10 @@ from toy.baselines import (consistency_distillation, consistency_fn, consistency
                            progressive_start_steps)
 from toy.diffusion import (DTYPE, EpsMLP, GaussianMixture, pretrain_student, student_sample, teacher_sample,
                            trailing_timesteps)
-from toy.dmdr import ToyDMDRConfig, generate, train_dmdr
+from toy.dmdr import ToyDMDRConfig, generate, toy_reward, train_dmdr
 from toy.redif import (PerPromptStatTracker, ToyReDiFConfig, alignment_error, alignment_reward, behaviour_cloning,
-                       clipped_surrogate, gaussian_kl, grpo_advantages, semantic_embed, teacher_pairs,
-                       teacher_states, train_redif)
+                       clipped_surrogate, gaussian_kl, grpo_advantages, semantic_embed, teacher_grid_steps,
+                       teacher_pairs, teacher_states, train_redif)
 
 FAST = settings(max_examples=40, deadline=None)
 finite = st.floats(-1e3, 1e3, allow_nan=False)
@@ -401,6 +401,127 @@ def test_bench_claims_read_their_rules_the_right_way_round():
 def test_bench_epochs_summary_in_closed_form():
     hist = [dict(heldout_align_err=e) for e in (0.3, 0.1, 0.2)]
     assert bench.epochs_summary(hist) == dict(first=0.3, best=0.1, best_iter=1, final=0.2, jitter=pytest.approx(0.15))
+
+
+def claims_of(values):
+    cfg = bench.BenchConfig(ks=(2,), redif_k=2)
+    hist = [dict(heldout_align_err=e, heldout_reward=r) for e, r in ((0.3, 0.1), (0.2, 0.2), (0.25, 0.3))]
+    histories = {(a + s, 2): hist for a in ("grpo", "ppo") for s in ("", "-stress", "-proxy", "-proxy-stress")}
+    return {c.split(" (")[0]: v for c, v, _ in bench.check_claims(bench_rows((2,), values), histories, cfg)}
+
+
+def test_bench_dmd_claims_follow_their_stated_rules():
+    """T47, T48, T53. Teacher reward 0.1 and 2 paired s.e. = 0.02 in every row:
+    - DMD at 0.11 is within teacher + 2 s.e.: "capped" REPRODUCED; at 0.13 it is not;
+    - DMD's MMD 0.3 below its init's 0.5: "closer" YES; above: NO;
+    - DMDR reward 0.2 > 0.12 with on-support 0.85 >= DMD's 0.9 - 0.1: REPRODUCED; at 0.75 it is not."""
+    good = claims_of({("DMD (no RL)", 2): dict(reward=0.11, mmd=0.3),
+                      ("DMDR (DMD+ReFL)", 2): dict(reward=0.2, on_support=0.85)})
+    assert good["Distillation alone"].startswith("REPRODUCED")
+    assert good["DMD brings its generator closer to the data than where it started"].startswith("YES")
+    assert good["DMDR raises the reward above the teacher's while staying on the data"].startswith("REPRODUCED")
+    bad = claims_of({("DMD (no RL)", 2): dict(reward=0.13, mmd=0.7),
+                     ("DMDR (DMD+ReFL)", 2): dict(reward=0.2, on_support=0.75)})
+    assert bad["Distillation alone"].startswith("NOT REPRODUCED")
+    assert bad["DMD brings its generator closer to the data than where it started"].startswith("NO")
+    assert bad["DMDR raises the reward above the teacher's while staying on the data"].startswith("NOT REPRODUCED")
+
+
+def test_bench_proxy_summary_in_closed_form():
+    """T49: over-optimised = the proxy rose AND the final error is > 1.2x the best; either alone is not."""
+    hist = lambda errs, proxy: [dict(heldout_align_err=e, heldout_reward=r) for e, r in zip(errs, proxy)]
+    up_but_stable = bench.proxy_summary(hist((0.3, 0.1, 0.11), (0.1, 0.2, 0.3)))
+    assert up_but_stable["degrade"] == pytest.approx(0.1) and up_but_stable["onset"] is None
+    assert up_but_stable["over"] is False
+    down_but_degraded = bench.proxy_summary(hist((0.3, 0.1, 0.2), (0.3, 0.2, 0.1)))
+    assert down_but_degraded["degrade"] == pytest.approx(1.0) and down_but_degraded["onset"] == 3
+    assert down_but_degraded["over"] is False
+    assert bench.proxy_summary(hist((0.3, 0.1, 0.2), (0.1, 0.2, 0.3)))["over"] is True
+
+
+def test_bench_reward_diff_se_is_the_paired_standard_error():
+    """T46: reward_diff_se = std(R(x) - R(x_teacher)) / sqrt(N), the paired s.e. the claims' tolerance uses."""
+    data, cfg = GaussianMixture(), bench.BenchConfig()
+    g = torch.Generator().manual_seed(0)
+    x_teacher, _ = data.sample(400, generator=g)
+    shift = 0.1 * torch.randn(400, generator=g, dtype=DTYPE)
+    x = x_teacher + torch.stack([torch.zeros_like(shift), shift], -1)  # the toy reward is the height y
+    m = bench.metrics(data, x, x_teacher, x_teacher, cfg)
+    assert m["reward_diff_se"] == pytest.approx(shift.std().item() / math.sqrt(400), rel=1e-9)
+    assert m["reward"] - toy_reward(x_teacher).mean().item() == pytest.approx(shift.mean().item())
+
+
+def test_bench_second_data_draw_is_independent_of_the_first():
+    """T50: the "data (2nd draw)" row is the noise floor of SW2 / MMD between two exact draws with the pairs'
+    labels: a draw of its own (SW2 > 0), each point in its pair's mode."""
+    cfg = dataclasses.replace(bench.QUICK, eval_size=256)
+    data = GaussianMixture()
+    labels, _, _, x_data, x_data2 = bench.eval_references(data, cfg)
+    assert not torch.equal(x_data, x_data2)
+    assert bench.sliced_w2(x_data, x_data2) > 0.01
+    assert (data.mode_of(x_data2) == labels).float().mean() > 0.95
+
+
+# ---------------------------------------------------------------------------------------------------
+# toy/redif.py, toy/baselines.py, toy/dmdr.py (T41-T44, T51, T52, T54)
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_teacher_grid_contains_the_students_and_has_at_least_50_steps():
+    """T51: teacher_grid_steps(K) = K * ceil(50 / K): 50 where K divides 50, else the next multiple (K=4: 52,
+    K=8: 56, K=3: 51), never fewer than the teacher's 50 steps; the student's grid lies inside it."""
+    for k, n in ((1, 50), (2, 50), (5, 50), (4, 52), (8, 56), (3, 51), (7, 56)):
+        assert teacher_grid_steps(k) == n
+        assert set(trailing_timesteps(k).tolist()) <= set(trailing_timesteps(n).tolist())
+
+
+def test_cd_target_is_f_ema_at_the_next_grid_time(monkeypatch):
+    """T42: CD compares f_theta(x_{t_n}, t_n) with f_ema(x_hat_{t_{n+1}}, t_{n+1}); record both calls' times."""
+    calls, f = [], baselines.consistency_fn
+
+    def spy(model, x, t, labels, guidance=None):
+        calls.append((model, torch.as_tensor(t).expand(x.shape[0]).clone()))
+        return f(model, x, t, labels, guidance)
+    monkeypatch.setattr(baselines, "consistency_fn", spy)
+    init = EpsMLP(GaussianMixture().num_modes)
+    target = baselines.consistency_distillation(GaussianMixture(), init, iters=2, batch=16)
+    grid = torch.cat([trailing_timesteps(50), torch.tensor([-1])]).tolist()
+    assert len(calls) == 4
+    for (m_target, t_target), (m_model, t_model) in zip(calls[0::2], calls[1::2]):
+        assert m_target is target and m_model is not target
+        for a, b in zip(t_model.tolist(), t_target.tolist()):
+            assert b == grid[grid.index(a) + 1]  # the target sits one grid step later
+
+
+def test_pd_each_stage_distils_a_frozen_copy_of_the_previous_student(monkeypatch):
+    """T41: from stage 2 on, the teacher is the previous stage's student, frozen: another module than the one
+    being trained, with weights that do not move during the stage."""
+    seen, eps = [], baselines.student_eps
+
+    def spy(model, x, t, labels, guidance=None):
+        seen.append((id(model), torch.is_grad_enabled(), next(model.parameters()).detach().clone()))
+        return eps(model, x, t, labels, guidance)
+    monkeypatch.setattr(baselines, "student_eps", spy)
+    data = GaussianMixture()
+    baselines.progressive_distillation(data, EpsMLP(data.num_modes), 8, iters_per_stage=3, batch=8, min_start=32)
+    trained = [s for s in seen if s[1]]
+    teacher = [s for s in seen if not s[1]]  # stage 1 (n=16) distils the exact eps: no student_eps call there
+    assert len(trained) == 2 * 3 and len(teacher) == 2 * 3  # stage 2 (n=8): two teacher steps per iteration
+    assert {i for i, _, _ in teacher}.isdisjoint({i for i, _, _ in trained[3:]})
+    assert all(torch.equal(w, teacher[0][2]) for _, _, w in teacher)  # frozen through the stage
+    assert not torch.equal(trained[3][2], trained[-1][2])  # while the student it teaches moves
+
+
+def test_pd_trains_every_student_step_of_each_stage(monkeypatch):
+    """T56: each PD stage trains the student on every step of its n-step grid, the last one (down to the end)
+    included: the student steps' start times drawn in a stage cover trailing_timesteps(n)."""
+    seen, eps = [], baselines.student_eps
+    monkeypatch.setattr(baselines, "student_eps", lambda model, x, t, labels, guidance=None: seen.append(
+        (torch.is_grad_enabled(), torch.as_tensor(t).clone())) or eps(model, x, t, labels, guidance))
+    data = GaussianMixture()
+    baselines.progressive_distillation(data, EpsMLP(data.num_modes), 4, iters_per_stage=2, batch=64, min_start=8)
+    trained = torch.cat([t for grad, t in seen if grad]).unique().tolist()  # one stage, n = 4 (8 -> 4)
+    assert sorted(trained) == sorted(trailing_timesteps(4).tolist())
 
 
 def test_bench_smoke(tmp_path):
