@@ -788,7 +788,7 @@ def teacher_sample(m, z, emb, uncond, steps, guidance):
 
 def decode(m, latents, chunk=8):
     """(B, 4, h, w) -> images (B, 3, H, W) in [-1, 1], differentiable (ReFL backpropagates through it); in chunks,
-    as the VAE's 512 px activations are GBs per image (DPO and GRPO decode 2B and B*G images for their rewards)."""
+    as the VAE's activations at 512 px are large (DPO and GRPO decode 2B and B*G images for their rewards)."""
     with m.ctx():
         return torch.cat([m.vae.decode(z / m.vae.config.scaling_factor).sample.float() for z in latents.split(chunk)])
 
