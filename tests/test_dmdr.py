@@ -666,19 +666,27 @@ def test_the_fake_score_learns_every_generator_step_at_dynars_times(prompt_file,
 
 
 def test_each_fake_update_trains_on_its_own_slice_of_the_samples(lora_models, prompt_file, tmp_path, monkeypatch):
-    """One backward simulation draws the samples of all --fake-updates; update i trains on slice i of it, so no
+    """One backward simulation draws the samples of all --fake-updates; update i trains on slice i of them and of
+    the prompt embeddings they were generated with (E9's loss is conditional on the sample's own prompt), so no
     two updates see the same samples (the runs above use --fake-updates 1)."""
     cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "none", 1, "--fake-updates", "3"))
     sims, seen = [], []
     simulate, loss = dmdr.backward_simulation, dmdr.fake_score_loss
-    monkeypatch.setattr(dmdr, "backward_simulation", lambda *a: sims.append(simulate(*a)) or sims[-1])
-    monkeypatch.setattr(dmdr, "fake_score_loss", lambda m, x0, *a: seen.append(x0.clone()) or loss(m, x0, *a))
+
+    def simulation(m, z, emb, k):
+        sims.append((simulate(m, z, emb, k), emb))
+        return sims[-1][0]
+    monkeypatch.setattr(dmdr, "backward_simulation", simulation)
+    monkeypatch.setattr(dmdr, "fake_score_loss", lambda m, x0, emb, *a: seen.append((x0.clone(), emb.clone()))
+                        or loss(m, x0, emb, *a))
     torch.manual_seed(0)
     dmdr.fake_updates(lora_models, cfg, torch.optim.AdamW(dmdr.lora_params(lora_models.unet, "fake"), lr=0.0), 0,
                       PROMPTS[:4])
     assert len(sims) == 1 and len(seen) == 3
-    for x0, part in zip(seen, sims[0].chunk(3)):
-        assert torch.equal(x0, part)
+    samples, embeddings = sims[0]
+    assert any(not torch.equal(part, embeddings.chunk(3)[0]) for part in embeddings.chunk(3)[1:])  # prompts differ
+    for (x0, emb), sample_part, emb_part in zip(seen, samples.chunk(3), embeddings.chunk(3)):
+        assert torch.equal(x0, sample_part) and torch.equal(emb, emb_part)
 
 
 @pytest.mark.parametrize("dynars", [True, False])
@@ -696,6 +704,62 @@ def test_no_dynars_gives_uniform_renoise_times_to_the_generator_and_the_fake(lor
                           PROMPTS[:2])
     dmdr.fake_updates(m, cfg, torch.optim.AdamW(dmdr.lora_params(m.unet, "fake"), lr=0.0), 0, PROMPTS[:4])
     assert calls == [dynars, dynars]
+
+
+def test_dynars_reaches_uniform_renoise_times_at_its_horizon_for_generator_and_fake(prompt_file, tmp_path,
+                                                                                    monkeypatch):
+    """Z26, Z27: E11's Beta(a(s), b(s)) is Beta(1, 1) from s = S on, so at step S the renoise times of the
+    generator's DMD loss and of the fake's loss are uniform on [20, 980] (mean 500), not Beta(4, 1.5) (mean
+    20 + 960 * 4 / 5.5 ~ 718) as at step 0. 256 draws each: s.e. of the mean ~ 17."""
+    cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "none", 1, "--fake-updates", "128", "--dynars-steps",
+                                    "4"))
+    m = dmdr.build_models(cfg, torch.device("cpu"))
+    m.uncond = dmdr.encode_prompts(m, [""])
+    ts, draw = [], dmdr.sample_renoise_timesteps
+    monkeypatch.setattr(dmdr, "sample_renoise_timesteps", lambda *a, **kw: ts.append(draw(*a, **kw)) or ts[-1])
+    torch.manual_seed(0)
+    dmdr.generator_update(m, cfg, torch.optim.AdamW(list(dmdr.generator_params(m).values()), lr=0.0), 4,
+                          PROMPTS[:4] * 64)
+    generator_t = torch.cat(ts).float()
+    ts.clear()
+    dmdr.fake_updates(m, cfg, torch.optim.AdamW(dmdr.lora_params(m.unet, "fake"), lr=0.0), 4, PROMPTS[:4])
+    fake_t = torch.cat(ts).float()
+    assert len(generator_t) == 256 and len(fake_t) == 256
+    assert generator_t.mean().item() == pytest.approx(500, abs=80)
+    assert fake_t.mean().item() == pytest.approx(500, abs=80)
+
+
+def test_the_generator_update_trains_every_step_of_the_grid(lora_models, prompt_file, tmp_path, monkeypatch):
+    """Z15: DMD2's backward simulation draws the trained step k uniformly from all K steps, the last one (the
+    output a user gets) included; 24 updates at K = 2 miss a step with probability 2^-23."""
+    cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "none", 1))
+    ks, simulate = [], dmdr.backward_simulation
+    monkeypatch.setattr(dmdr, "backward_simulation", lambda m_, z, emb, k: ks.append(k) or simulate(m_, z, emb, k))
+    m = lora_models
+    opt = torch.optim.AdamW(list(dmdr.generator_params(m).values()), lr=0.0)
+    torch.manual_seed(0)
+    for _ in range(24):
+        dmdr.generator_update(m, cfg, opt, 0, PROMPTS[:1])
+    assert {int(k[0]) for k in ks} == set(range(len(m.timesteps)))
+    assert all(len(set(k.tolist())) == 1 for k in ks)  # one k per batch (DMD2)
+
+
+def test_the_dmd_renoise_uses_fresh_noise_not_the_generators_input(lora_models, prompt_file, tmp_path,
+                                                                   monkeypatch):
+    """Z28: E8 renoises the generator's x0 with fresh Gaussian noise; reusing the generator's input z would tie
+    x_t to x0 (x0 is a function of z) and bias the score difference."""
+    cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "none", 1))
+    zs, noises = [], []
+    simulate, add = dmdr.backward_simulation, dmdr.add_noise
+    monkeypatch.setattr(dmdr, "backward_simulation", lambda m_, z, emb, k: zs.append(z) or simulate(m_, z, emb, k))
+    monkeypatch.setattr(dmdr, "add_noise", lambda x0, noise, abar: noises.append(noise) or add(x0, noise, abar))
+    m = lora_models
+    torch.manual_seed(0)
+    dmdr.generator_update(m, cfg, torch.optim.AdamW(list(dmdr.generator_params(m).values()), lr=0.0), 0,
+                          PROMPTS[:2])
+    renoise = noises[-1]  # the last add_noise of the update: backward simulation's come before it
+    assert renoise.shape == zs[0].shape
+    assert (renoise - zs[0]).abs().max() > 0.1
 
 
 def test_saved_lcm_scheduler_passes_the_generators_x0_through_at_every_supported_k(tmp_path):

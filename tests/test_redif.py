@@ -682,6 +682,95 @@ def test_save_student_over_a_crashed_saves_leftovers_holds_only_the_new_student(
     assert (tmp_path / "student" / "model_index.json").exists()
 
 
+def test_split_rollouts_draw_their_eta_noise_from_the_iterations_generator(workdir):
+    """Z25: with --sample-batch below the rollout count, sample_student samples in parts; every part must draw its
+    eta-noise from the iteration's generator (iteration_generators: exact --resume), not the global RNG. Same
+    generator seed, different global RNG state -> identical rollouts and log-probs."""
+    cfg, models, *_ = tiny_trainer(workdir, "--train-batch", "2")
+    cond = redif.encode_prompts(models, ["a photo of a cat"] * 2 + ["a red car on a road"] * 2)
+    x_T = redif.initial_noise([0, 0, 1, 1], models.latent_size, models.device)
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        runs.append(redif.sample_student(models, x_T, cond, cfg.eta, torch.Generator().manual_seed(7), batch=2))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=0)
+    assert not torch.equal(runs[0][0][0, 1], runs[0][0][1, 1])  # eta > 0: the two rollouts of a group differ
+
+
+def test_each_rl_rollout_is_conditioned_on_its_own_groups_prompt(workdir, monkeypatch):
+    """Z10: E4's group is G rollouts sharing prompt *and* x_T: rollout b belongs to pair b // G, so it starts from
+    that pair's x_T and is sampled (and its log-probs recomputed) under that pair's prompt; a tiled prompt list
+    would pair pair 0's x_T with pair 1's prompt."""
+    cfg, models, rm, weights, cache, optimizer, prompts = tiny_trainer(workdir, "--bc-iters", "0", "--lr", "0")
+    pairs = (["a photo of a cat", "a red car on a road"], [0, 1])
+    monkeypatch.setattr(redif, "draw_pairs", lambda *a: pairs)
+    seen, sample = [], redif.sample_student
+    monkeypatch.setattr(redif, "sample_student",
+                        lambda m_, x_T, cond, *a, **kw: seen.append((x_T, cond)) or sample(m_, x_T, cond, *a, **kw))
+    redif.train_iteration(models, rm, weights, cache, optimizer, None, prompts, 0, dict(skips=0, streak=0))
+    x_T, cond = seen[0]
+    G = cfg.group
+    assert len(x_T) == len(cond) == 2 * G
+    own_x_T = redif.initial_noise(pairs[1], models.latent_size, models.device).repeat_interleave(G, dim=0)
+    own_cond = redif.encode_prompts(models, pairs[0]).repeat_interleave(G, dim=0)
+    torch.testing.assert_close(x_T, own_x_T, rtol=0, atol=0)
+    torch.testing.assert_close(cond, own_cond, rtol=0, atol=0)
+
+
+def test_the_rl_reward_scores_the_rollouts_final_latent(workdir, monkeypatch):
+    """Z11 (killed before only by a learning test): E3 scores the student's K-step output x_0 (latents[:, K]) against
+    the teacher's final latent; with the latent term alone the reward is -MSE of exactly those two, by hand."""
+    cfg, models, rm, weights, cache, optimizer, prompts = tiny_trainer(workdir, "--bc-iters", "0", "--lr", "0")
+    pairs = (["a photo of a cat", "a red car on a road"], [0, 1])
+    monkeypatch.setattr(redif, "draw_pairs", lambda *a: pairs)
+    rollouts, sample = [], redif.sample_student
+    monkeypatch.setattr(redif, "sample_student", lambda *a, **kw: rollouts.append(sample(*a, **kw)) or rollouts[-1])
+    rewards, compute = [], redif.compute_rewards
+    monkeypatch.setattr(redif, "compute_rewards", lambda *a, **kw: rewards.append(compute(*a, **kw)) or rewards[-1])
+    redif.train_iteration(models, rm, weights, cache, optimizer, None, prompts, 0, dict(skips=0, streak=0))
+    latents = rollouts[0][0]  # (B, K+1, 4, h, w)
+    teacher = cache.get(*pairs)[:, -1].repeat_interleave(cfg.group, dim=0)
+    expected = -((latents[:, cfg.steps] - teacher) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(rewards[0][1]["latent"], expected)
+
+
+def test_grpo_normalises_each_group_of_g_consecutive_rollouts_when_pairs_outnumber_g(workdir, monkeypatch):
+    """Z12 (equivalent at the suite's --prompts-per-iter 2 = --group 2): E4 by hand at P = 3 pairs of G = 2, where
+    rewards.view(G, -1) would normalise rollouts of different prompts together: A_b = (R_b - mean of b's group)
+    / (population std + 1e-4), a group being rollouts b // G."""
+    cfg, models, rm, weights, cache, optimizer, prompts = tiny_trainer(
+        workdir, "--bc-iters", "0", "--lr", "0", "--prompts-per-iter", "3", "--algo", "grpo")
+    monkeypatch.setattr(redif, "draw_pairs", lambda *a: (["a photo of a cat", "a red car on a road",
+                                                           "a photo of a cat"], [0, 1, 1]))
+    rewards, compute = [], redif.compute_rewards
+    monkeypatch.setattr(redif, "compute_rewards", lambda *a, **kw: rewards.append(compute(*a, **kw)) or rewards[-1])
+    advs, update = [], redif.rl_update
+    monkeypatch.setattr(redif, "rl_update", lambda m_, o, r, adv, g: advs.append(adv) or update(m_, o, r, adv, g))
+    redif.train_iteration(models, rm, weights, cache, optimizer, None, prompts, 0, dict(skips=0, streak=0))
+    R = rewards[0][0].view(3, cfg.group).cpu()
+    A = (R - R.mean(1, keepdim=True)) / (R.std(1, unbiased=False, keepdim=True) + 1e-4)
+    A = A.clamp(-cfg.adv_clip_max, cfg.adv_clip_max).view(-1)
+    assert len(advs[0]) == 6
+    torch.testing.assert_close(advs[0].cpu(), A, rtol=1e-3, atol=1e-3)
+    assert advs[0].view(3, cfg.group).sum(1).abs().max() < 1e-3  # zero mean within every group
+
+
+def test_teacher_cache_stores_each_pairs_own_trajectory_when_computed_together(workdir, tmp_path):
+    """Z07 (killed before only by the BC learning test): misses computed in one teacher batch are each stored under
+    their own (prompt, seed) key: each trajectory starts at its seed's x_T (E3: same x_T as the student) and
+    equals that pair computed alone."""
+    cfg, models, *_ = tiny_trainer(workdir)
+    cache = redif.TeacherCache(tmp_path / "cache", models)
+    pairs = (["a photo of a cat", "a red car on a road", "a photo of a cat"], [0, 1, 1])
+    states = cache.get(*pairs)
+    assert (cache.hits, cache.misses) == (0, 3)
+    torch.testing.assert_close(states[:, 0], redif.initial_noise(pairs[1], models.latent_size, models.device),
+                               rtol=0, atol=0)
+    for i, (prompt, seed) in enumerate(zip(*pairs)):
+        torch.testing.assert_close(states[i], cache.sample([prompt], [seed])[0], rtol=1e-4, atol=1e-4)
+
+
 def test_kl_reference_is_the_student_as_rl_starts_not_the_pre_bc_teacher(workdir):
     """E6 after E7: the first RL minibatch is evaluated before any RL update, so its KL to the reference is
     exactly 0 only if the reference is the BC'd student (the teacher would give KL > 0: BC moved the LoRA)."""

@@ -398,6 +398,24 @@ def test_dynars_with_no_horizon_is_uniform_from_the_start():
     assert abs(t.double().mean().item() - 500) < 15  # uniform on [20, 980]; Beta(4, 1.5) would give ~718
 
 
+def test_dynars_reaches_uniform_renoise_times_for_the_fake_loss(monkeypatch):
+    """Z29: E11 also sets the fake score's renoise times (train_dmdr), and from iteration S = total_steps on they are
+    Beta(1, 1): uniform on [20, 980], mean 500 (s.e. ~12 over 512 draws), not Beta(4, 1.5)'s ~718 of iteration 0."""
+    data = GaussianMixture()
+    student = pretrain_student(data, steps=20, batch=64, hidden=32)
+    cfg = toy.dmdr.ToyDMDRConfig(steps=2, iters=3, total_steps=2, batch=64, fake_draws=8, fake_updates=1)
+    draws, draw = [], toy.dmdr.sample_renoise_timesteps
+    monkeypatch.setattr(toy.dmdr, "sample_renoise_timesteps",
+                        lambda n, it, *a, **kw: draws.append((n, it, draw(n, it, *a, **kw))) or draws[-1][2])
+    toy.dmdr.train_dmdr(data, student, cfg, seed=0)
+    fake = [t.double() for n, _, t in draws if n == cfg.batch * cfg.fake_draws]
+    generator = [t.double() for n, _, t in draws if n == cfg.batch]
+    assert len(fake) == len(generator) == cfg.iters
+    assert fake[0].mean().item() == pytest.approx(20 + 960 * 4 / 5.5, abs=40)  # iteration 0: Beta(4, 1.5)
+    assert fake[-1].mean().item() == pytest.approx(500, abs=40)  # iteration S: uniform
+    assert generator[-1].mean().item() == pytest.approx(500, abs=100)  # 64 draws: s.e. ~35
+
+
 def sliced_w2(a, b, num_proj=128):
     theta = torch.linspace(0, math.pi, num_proj + 1, dtype=DTYPE)[:-1]
     dirs = torch.stack([theta.cos(), theta.sin()], -1)  # (P, 2)

@@ -524,6 +524,30 @@ def test_pd_trains_every_student_step_of_each_stage(monkeypatch):
     assert sorted(trained) == sorted(trailing_timesteps(4).tolist())
 
 
+def test_the_surrogate_gets_each_rollouts_group_advantage_at_every_step(monkeypatch):
+    """Z21, Z23 (killed before only by the learning test): E4-E5 in train_redif. The surrogate's advantages, laid
+    out (K, b) like the log-probs, hold rollout b's advantage at every step k, and that advantage is its reward
+    normalised within its own group of G consecutive rollouts (same label and x_T), by hand."""
+    from toy import redif as toy_redif
+    data = GaussianMixture()
+    student = pretrain_student(data, steps=20, batch=64, hidden=32)
+    cfg = toy_redif.ToyReDiFConfig(steps=3, iters=1, groups=4, group_size=4, inner_epochs=1, minibatches=1,
+                                   bc_iters=0, pool=64, eval_size=8, reward="distance", eta=0.3)
+    rewards, advs, reward = [], [], toy_redif.alignment_reward
+    surrogate = toy_redif.clipped_surrogate
+    monkeypatch.setattr(toy_redif, "alignment_reward", lambda *a, **kw: rewards.append(reward(*a, **kw)) or rewards[-1])
+    monkeypatch.setattr(toy_redif, "clipped_surrogate",
+                        lambda lp, old, adv, clip: advs.append(adv.clone()) or surrogate(lp, old, adv, clip))
+    toy_redif.train_redif(data, student, cfg, seed=0)
+    R = rewards[0].reshape(cfg.groups, cfg.group_size)  # the first call: the training rollouts' rewards
+    expected = ((R - R.mean(1, keepdim=True)) / (R.std(1, unbiased=False, keepdim=True) + 1e-4)).flatten()
+    adv = advs[0].reshape(cfg.steps, -1)  # (K, b): minibatches = 1, so b = all 16 rollouts, shuffled
+    assert R.std(1).min() > 0  # eta > 0: the rewards differ within every group
+    for k in range(1, cfg.steps):
+        torch.testing.assert_close(adv[k], adv[0])  # the same rollout's advantage at every step
+    torch.testing.assert_close(adv[0].sort().values, expected.sort().values.to(adv.dtype), rtol=1e-5, atol=1e-6)
+
+
 def test_bench_smoke(tmp_path):
     cfg = dataclasses.replace(bench.QUICK, ks=(2,), redif_k=2, pretrain_steps=60, eval_size=128, bc_iters=10,
                               redif_iters=2, pd_iters_per_stage=5, cd_iters=10,
