@@ -288,13 +288,13 @@ def check_out_dir(cfg, out):
 def lock_run_folder(out):
     """One process per run folder: a second run there (a --resume while the first still runs, a job resubmitted
     too soon) would interleave checkpoints and metrics. A POSIX lock: the OS releases it however the process ends.
-    -> the open lock file, to keep while the run lasts."""
+    -> the lock file's descriptor, to close when the run ends (a raw one: nothing to warn of if it is not)."""
     try:
         import fcntl
     except ImportError:  # not POSIX (Windows): no lock
         return None
     try:
-        lock = open(out / ".lock", "a")
+        lock = os.open(out / ".lock", os.O_WRONLY | os.O_CREAT, 0o644)
     except OSError as e:  # a read-only folder
         write_failed(out / ".lock", e)
     try:
@@ -302,7 +302,7 @@ def lock_run_folder(out):
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks (some NFS): run unlocked
             return lock
-        lock.close()
+        os.close(lock)
         fail(f"another process is running in {out}", "wait for it to end (or stop it), or choose another --out")
     return lock
 
@@ -1350,7 +1350,7 @@ def main(argv=None):
     if step > cfg.iters:
         fail(f"--iters {cfg.iters}: the run is past it, at iteration {step}", f"pass --iters {step} or more")
     out.mkdir(parents=True, exist_ok=True)
-    lock = lock or lock_run_folder(out)  # held until main returns or the process ends
+    lock = lock if lock is not None else lock_run_folder(out)  # held until the run ends
     if not cfg.profile or not cfg.resume:  # a resumed profile's flags are for its own timing, not for the run
         atomic_write(out / "config.json", json.dumps(asdict(cfg), indent=2))  # on --resume: with the changes
     if not cfg.resume:
@@ -1421,6 +1421,8 @@ def main(argv=None):
     finally:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
+        if lock is not None:
+            os.close(lock)
 
 
 if __name__ == "__main__":

@@ -1247,13 +1247,13 @@ def check_out_dir(cfg, out):
 def lock_run_folder(out):
     """One process per run folder: a second run there (a --resume while the first still runs, a job resubmitted
     too soon) would interleave checkpoints and metrics. A POSIX lock: the OS releases it however the process ends.
-    -> the open lock file, to keep while the run lasts."""
+    -> the lock file's descriptor, to close when the run ends (a raw one: nothing to warn of if it is not)."""
     try:
         import fcntl
     except ImportError:  # not POSIX (Windows): no lock
         return None
     try:
-        lock = open(out / ".lock", "a")
+        lock = os.open(out / ".lock", os.O_WRONLY | os.O_CREAT, 0o644)
     except OSError as e:  # a read-only folder
         write_failed(out / ".lock", e)
     try:
@@ -1261,7 +1261,7 @@ def lock_run_folder(out):
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks (some NFS): run unlocked
             return lock
-        lock.close()
+        os.close(lock)
         fail(f"another process is running in {out}", "wait for it to end (or stop it), or choose another --out")
     return lock
 
@@ -1428,7 +1428,7 @@ def main(argv=None):
     models = setup_models(cfg, pipe, device)
     rm = load_reward_models(cfg, weights, device)  # a reward model that fails to load leaves no run folder behind
     out.mkdir(parents=True, exist_ok=True)
-    lock = lock or lock_run_folder(out)  # held until main returns or the process ends
+    lock = lock if lock is not None else lock_run_folder(out)  # held until the run ends
     if not cfg.resume:
         write_config(cfg, out)
         atomic_write(out / "prompts.txt", "".join(p + "\n" for p in prompts))
@@ -1506,6 +1506,8 @@ def main(argv=None):
     finally:
         with contextlib.suppress(OSError):  # each line was flushed as written: a failed close repeats a reported error
             metrics_file.close()
+        if lock is not None:
+            os.close(lock)
         for signum, handler in old_handlers.items():
             signal.signal(signum, handler)
 
