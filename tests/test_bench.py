@@ -108,7 +108,7 @@ RUNS = {"redif": ["--teacher", "tiny", "--device", "cpu", "--resolution", "8", "
 
 
 def test_only_torch_saves_zip_writer_error_counts_as_a_write_failure(tmp_path, monkeypatch):
-    """X41: is_write_error takes a RuntimeError for a full disk only when torch.save's zip writer raised it
+    """is_write_error takes a RuntimeError for a full disk only when torch.save's zip writer raised it
     (inline_container.cc). Any other RuntimeError inside a save (a bug, an OOM) stays itself, with its traceback,
     not 'could not write ...: free disk space'; the temp file still goes."""
     for mod in (dmdr, redif):

@@ -708,7 +708,7 @@ def test_no_dynars_gives_uniform_renoise_times_to_the_generator_and_the_fake(lor
 
 def test_dynars_reaches_uniform_renoise_times_at_its_horizon_for_generator_and_fake(prompt_file, tmp_path,
                                                                                     monkeypatch):
-    """Z26, Z27: E11's Beta(a(s), b(s)) is Beta(1, 1) from s = S on, so at step S the renoise times of the
+    """E11's Beta(a(s), b(s)) is Beta(1, 1) from s = S on, so at step S the renoise times of the
     generator's DMD loss and of the fake's loss are uniform on [20, 980] (mean 500), not Beta(4, 1.5) (mean
     20 + 960 * 4 / 5.5 ~ 718) as at step 0. 256 draws each: s.e. of the mean ~ 17."""
     cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "none", 1, "--fake-updates", "128", "--dynars-steps",
@@ -730,7 +730,7 @@ def test_dynars_reaches_uniform_renoise_times_at_its_horizon_for_generator_and_f
 
 
 def test_the_generator_update_trains_every_step_of_the_grid(lora_models, prompt_file, tmp_path, monkeypatch):
-    """Z15: DMD2's backward simulation draws the trained step k uniformly from all K steps, the last one (the
+    """DMD2's backward simulation draws the trained step k uniformly from all K steps, the last one (the
     output a user gets) included; 24 updates at K = 2 miss a step with probability 2^-23."""
     cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "none", 1))
     ks, simulate = [], dmdr.backward_simulation
@@ -746,7 +746,7 @@ def test_the_generator_update_trains_every_step_of_the_grid(lora_models, prompt_
 
 def test_the_dmd_renoise_uses_fresh_noise_not_the_generators_input(lora_models, prompt_file, tmp_path,
                                                                    monkeypatch):
-    """Z28: E8 renoises the generator's x0 with fresh Gaussian noise; reusing the generator's input z would tie
+    """E8 renoises the generator's x0 with fresh Gaussian noise; reusing the generator's input z would tie
     x_t to x0 (x0 is a function of z) and bias the score difference."""
     cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "none", 1))
     zs, noises = [], []
@@ -1002,7 +1002,7 @@ def four_step_lora_models(prompt_file, tmp_path_factory):
 
 
 def test_the_grpo_step_samples_each_group_around_its_own_state(four_step_lora_models, monkeypatch):
-    """X49: GRPO's stochastic last step (E1) draws episode i of group b from N(mu(x_b, eps_b), sigma^2): the state
+    """GRPO's stochastic last step (E1) draws episode i of group b from N(mu(x_b, eps_b), sigma^2): the state
     handed to the DDIM step is row b of the rollout's states, the same row as its epsilon, for all G episodes. The
     policy's mean, hence each sample and its reward, is then that of its own prompt; checked against the rollout."""
     m = four_step_lora_models
@@ -1033,7 +1033,7 @@ def test_the_grpo_step_samples_each_group_around_its_own_state(four_step_lora_mo
 
 
 def test_the_dpo_pair_is_noised_with_one_noise_at_one_timestep(four_step_lora_models, monkeypatch):
-    """X52: Diffusion-DPO compares winner and loser at the SAME (t, noise): x_t^w - x_t^l = sqrt(abar_t) (x_w - x_l)
+    """Diffusion-DPO compares winner and loser at the SAME (t, noise): x_t^w - x_t^l = sqrt(abar_t) (x_w - x_l)
     exactly, with t the timestep the UNet is given for both rows (B=4 prompts, K=4 grid)."""
     m = four_step_lora_models
     cfg = dataclasses.replace(dmdr.parse_args(["--teacher", "tiny"]), reward_weights="random")

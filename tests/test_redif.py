@@ -635,7 +635,7 @@ def test_bc_regresses_the_students_eta0_step_not_the_training_policys_mean(workd
 
 
 def test_draw_pairs_draws_every_prompt_and_every_pool_seed():
-    """Y42 (and N09's seed side): draw_pairs is uniform over prompts x range(seed_pool)."""
+    """draw_pairs is uniform over prompts x range(seed_pool)."""
     cfg = redif.parse_args(["--prompts-per-iter", "400", "--seed-pool", "4"])
     prompts = ["a", "b", "c"]
     drawn, seeds = redif.draw_pairs(cfg, prompts, torch.Generator().manual_seed(0))
@@ -653,7 +653,7 @@ def test_full_finetune_under_bf16_keeps_the_frozen_teacher_copy_in_bf16(workdir)
 
 
 def test_clipfrac_first_weights_each_chunk_by_its_rows(monkeypatch):
-    """Y51: clipfrac_first is the fraction of the first minibatch's rows whose ratio left the clip range: chunks of
+    """clipfrac_first is the fraction of the first minibatch's rows whose ratio left the clip range: chunks of
     --train-batch rows are averaged weighted by their rows (2 rows at 0.0 and 1 row at 1.0: 1/3, not 1/2)."""
     cfg = types.SimpleNamespace(inner_epochs=1, minibatches=1, train_batch=2, steps=1)
     models = types.SimpleNamespace(cfg=cfg, student=torch.nn.Linear(1, 1))
@@ -683,7 +683,7 @@ def test_save_student_over_a_crashed_saves_leftovers_holds_only_the_new_student(
 
 
 def test_split_rollouts_draw_their_eta_noise_from_the_iterations_generator(workdir):
-    """Z25: with --sample-batch below the rollout count, sample_student samples in parts; every part must draw its
+    """With --sample-batch below the rollout count, sample_student samples in parts; every part must draw its
     eta-noise from the iteration's generator (iteration_generators: exact --resume), not the global RNG. Same
     generator seed, different global RNG state -> identical rollouts and log-probs."""
     cfg, models, *_ = tiny_trainer(workdir, "--train-batch", "2")
@@ -699,7 +699,7 @@ def test_split_rollouts_draw_their_eta_noise_from_the_iterations_generator(workd
 
 
 def test_each_rl_rollout_is_conditioned_on_its_own_groups_prompt(workdir, monkeypatch):
-    """Z10: E4's group is G rollouts sharing prompt *and* x_T: rollout b belongs to pair b // G, so it starts from
+    """E4's group is G rollouts sharing prompt *and* x_T: rollout b belongs to pair b // G, so it starts from
     that pair's x_T and is sampled (and its log-probs recomputed) under that pair's prompt; a tiled prompt list
     would pair pair 0's x_T with pair 1's prompt."""
     cfg, models, rm, weights, cache, optimizer, prompts = tiny_trainer(workdir, "--bc-iters", "0", "--lr", "0")
@@ -719,7 +719,7 @@ def test_each_rl_rollout_is_conditioned_on_its_own_groups_prompt(workdir, monkey
 
 
 def test_the_rl_reward_scores_the_rollouts_final_latent(workdir, monkeypatch):
-    """Z11 (killed before only by a learning test): E3 scores the student's K-step output x_0 (latents[:, K]) against
+    """E3 scores the student's K-step output x_0 (latents[:, K]) against
     the teacher's final latent; with the latent term alone the reward is -MSE of exactly those two, by hand."""
     cfg, models, rm, weights, cache, optimizer, prompts = tiny_trainer(workdir, "--bc-iters", "0", "--lr", "0")
     pairs = (["a photo of a cat", "a red car on a road"], [0, 1])
@@ -736,8 +736,8 @@ def test_the_rl_reward_scores_the_rollouts_final_latent(workdir, monkeypatch):
 
 
 def test_grpo_normalises_each_group_of_g_consecutive_rollouts_when_pairs_outnumber_g(workdir, monkeypatch):
-    """Z12 (equivalent at the suite's --prompts-per-iter 2 = --group 2): E4 by hand at P = 3 pairs of G = 2, where
-    rewards.view(G, -1) would normalise rollouts of different prompts together: A_b = (R_b - mean of b's group)
+    """(At the suite's --prompts-per-iter 2 = --group 2 either layout is the same.) E4 by hand at P = 3 pairs of G = 2,
+    where rewards.view(G, -1) would normalise rollouts of different prompts together: A_b = (R_b - mean of b's group)
     / (population std + 1e-4), a group being rollouts b // G."""
     cfg, models, rm, weights, cache, optimizer, prompts = tiny_trainer(
         workdir, "--bc-iters", "0", "--lr", "0", "--prompts-per-iter", "3", "--algo", "grpo")
@@ -757,7 +757,7 @@ def test_grpo_normalises_each_group_of_g_consecutive_rollouts_when_pairs_outnumb
 
 
 def test_teacher_cache_stores_each_pairs_own_trajectory_when_computed_together(workdir, tmp_path):
-    """Z07 (killed before only by the BC learning test): misses computed in one teacher batch are each stored under
+    """Misses computed in one teacher batch are each stored under
     their own (prompt, seed) key: each trajectory starts at its seed's x_T (E3: same x_T as the student) and
     equals that pair computed alone."""
     cfg, models, *_ = tiny_trainer(workdir)

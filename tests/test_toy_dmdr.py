@@ -301,7 +301,7 @@ def test_train_dmdr_rejects_bad_config_before_training(override, match):
 # Seeded learning tests (margins: see the numbers over seeds 0-2 in the comments)
 # ---------------------------------------------------------------------------------------------------
 def test_grpo_and_dpo_groups_share_label_and_state(monkeypatch):
-    """T43: the G members of a GRPO group (the 2 of a DPO pair) start from one state, label and time: the first
+    """The G members of a GRPO group (the 2 of a DPO pair) start from one state, label and time: the first
     batch // G final-step states, each repeated G times in a row."""
     seen, step = [], toy.dmdr.stochastic_x0_step
 
@@ -328,7 +328,7 @@ def test_grpo_and_dpo_groups_share_label_and_state(monkeypatch):
 
 
 def test_dpo_loss_is_against_the_reference_policy():
-    """T54: rl_loss's DPO term by hand: sample the stochastic last step with the generator, rank each pair by
+    """Rl_loss's DPO term by hand: sample the stochastic last step with the generator, rank each pair by
     reward, score both samples under the generator and under the reference (a different network)."""
     data = GaussianMixture()
     torch.manual_seed(0)
@@ -349,7 +349,7 @@ def test_dpo_loss_is_against_the_reference_policy():
 
 
 def test_fake_delta_is_sqrt_abar_times_the_net():
-    """T52: FakeScore.delta = sqrt(abar_t) * net(x, t, c), so its x0 correction -sqrt(1 - abar_t) * delta /
+    """FakeScore.delta = sqrt(abar_t) * net(x, t, c), so its x0 correction -sqrt(1 - abar_t) * delta /
     sqrt(abar_t) is O(net) at every t. With the net's last layer a constant b, delta = sqrt(abar_t) * b."""
     data = GaussianMixture()
     fake = toy.dmdr.FakeScore(data)
@@ -365,7 +365,7 @@ def test_fake_delta_is_sqrt_abar_times_the_net():
 
 
 def test_fake_score_adam_has_no_momentum(monkeypatch):
-    """T44: the fake delta's Adam runs with beta1 = 0 (module docstring: momentum only adds lag to a moving
+    """The fake delta's Adam runs with beta1 = 0 (module docstring: momentum only adds lag to a moving
     target). Check the optimiser train_dmdr builds for the FakeScore's parameters."""
     made, Adam = [], torch.optim.Adam
 
@@ -382,16 +382,8 @@ def test_fake_score_adam_has_no_momentum(monkeypatch):
     assert fake[0]["lr"] == cfg.fake_lr and tuple(fake[0].get("betas", (0.9, 0.999)))[0] == 0.0
 
 
-# ---------------------------------------------------------------------------------------------------
-# redif.py / dmdr.py: resume, validation, write errors (X41-X45, X47, Y41, Y42, Y46, Y47, Y50)
-# ---------------------------------------------------------------------------------------------------
-TINY = ["--teacher", "tiny", "--device", "cpu", "--resolution", "8", "--steps", "2", "--teacher-steps", "10",
-        "--group", "2", "--prompts-per-iter", "2", "--seed-pool", "2", "--eval-pairs", "4"]
-PROMPTS = ["a photo of a cat", "a red car on a road", "a bowl of soup", "a lighthouse", "a corgi", "a teapot"]
-
-
 def test_dynars_with_no_horizon_is_uniform_from_the_start():
-    """T55: E11 with S = 0 has no cold start: c = 0, so Beta(1, 1) (uniform renoise times) at every step."""
+    """E11 with S = 0 has no cold start: c = 0, so Beta(1, 1) (uniform renoise times) at every step."""
     for step in (0, 1, 50):
         assert toy.dmdr.dynars_beta(step, 4.0, 1.5, 0) == (1.0, 1.0)
     t = toy.dmdr.sample_renoise_timesteps(4000, 0, 4.0, 1.5, 0, generator=torch.Generator().manual_seed(0))
@@ -399,7 +391,7 @@ def test_dynars_with_no_horizon_is_uniform_from_the_start():
 
 
 def test_dynars_reaches_uniform_renoise_times_for_the_fake_loss(monkeypatch):
-    """Z29: E11 also sets the fake score's renoise times (train_dmdr), and from iteration S = total_steps on they are
+    """E11 also sets the fake score's renoise times (train_dmdr), and from iteration S = total_steps on they are
     Beta(1, 1): uniform on [20, 980], mean 500 (s.e. ~12 over 512 draws), not Beta(4, 1.5)'s ~718 of iteration 0."""
     data = GaussianMixture()
     student = pretrain_student(data, steps=20, batch=64, hidden=32)

@@ -385,15 +385,19 @@ def bench_rows(ks, values):
     return rows + [dict(base, method=m, K=K, **values.get((m, K), {})) for m in methods for K in ks]
 
 
-def test_bench_claims_read_their_rules_the_right_way_round():
-    """check_claims' verdicts follow their stated rules: RL lowering the error below its BC init is "YES"; RL alone
-    0.4 below DMD's on-support fraction is "REPRODUCED" drift."""
+def claims_of(values):
+    """check_claims on bench_rows(values) at K=2, with the same held-out histories for every ReDiF run."""
     cfg = bench.BenchConfig(ks=(2,), redif_k=2)
     hist = [dict(heldout_align_err=e, heldout_reward=r) for e, r in ((0.3, 0.1), (0.2, 0.2), (0.25, 0.3))]
     histories = {(a + s, 2): hist for a in ("grpo", "ppo") for s in ("", "-stress", "-proxy", "-proxy-stress")}
-    rows = bench_rows((2,), {("ReDiF-GRPO", 2): dict(align_err=0.1), ("ReDiF BC only (E7)", 2): dict(align_err=0.2),
-                             ("RL only (ReFL)", 2): dict(on_support=0.5)})
-    claims = {c.split(" (")[0]: v for c, v, _ in bench.check_claims(rows, histories, cfg)}
+    return {c.split(" (")[0]: v for c, v, _ in bench.check_claims(bench_rows((2,), values), histories, cfg)}
+
+
+def test_bench_claims_read_their_rules_the_right_way_round():
+    """check_claims' verdicts follow their stated rules: RL lowering the error below its BC init is "YES"; RL alone
+    0.4 below DMD's on-support fraction is "REPRODUCED" drift."""
+    claims = claims_of({("ReDiF-GRPO", 2): dict(align_err=0.1), ("ReDiF BC only (E7)", 2): dict(align_err=0.2),
+                        ("RL only (ReFL)", 2): dict(on_support=0.5)})
     assert claims["RL adds to behaviour cloning"] == "YES"
     assert claims["RL alone drifts off the data"].startswith("REPRODUCED")
 
@@ -403,15 +407,8 @@ def test_bench_epochs_summary_in_closed_form():
     assert bench.epochs_summary(hist) == dict(first=0.3, best=0.1, best_iter=1, final=0.2, jitter=pytest.approx(0.15))
 
 
-def claims_of(values):
-    cfg = bench.BenchConfig(ks=(2,), redif_k=2)
-    hist = [dict(heldout_align_err=e, heldout_reward=r) for e, r in ((0.3, 0.1), (0.2, 0.2), (0.25, 0.3))]
-    histories = {(a + s, 2): hist for a in ("grpo", "ppo") for s in ("", "-stress", "-proxy", "-proxy-stress")}
-    return {c.split(" (")[0]: v for c, v, _ in bench.check_claims(bench_rows((2,), values), histories, cfg)}
-
-
 def test_bench_dmd_claims_follow_their_stated_rules():
-    """T47, T48, T53. Teacher reward 0.1 and 2 paired s.e. = 0.02 in every row:
+    """Teacher reward 0.1 and 2 paired s.e. = 0.02 in every row:
     - DMD at 0.11 is within teacher + 2 s.e.: "capped" REPRODUCED; at 0.13 it is not;
     - DMD's MMD 0.3 below its init's 0.5: "closer" YES; above: NO;
     - DMDR reward 0.2 > 0.12 with on-support 0.85 >= DMD's 0.9 - 0.1: REPRODUCED; at 0.75 it is not."""
@@ -428,7 +425,7 @@ def test_bench_dmd_claims_follow_their_stated_rules():
 
 
 def test_bench_proxy_summary_in_closed_form():
-    """T49: over-optimised = the proxy rose AND the final error is > 1.2x the best; either alone is not."""
+    """Over-optimised = the proxy rose AND the final error is > 1.2x the best; either alone is not."""
     hist = lambda errs, proxy: [dict(heldout_align_err=e, heldout_reward=r) for e, r in zip(errs, proxy)]
     up_but_stable = bench.proxy_summary(hist((0.3, 0.1, 0.11), (0.1, 0.2, 0.3)))
     assert up_but_stable["degrade"] == pytest.approx(0.1) and up_but_stable["onset"] is None
@@ -440,7 +437,7 @@ def test_bench_proxy_summary_in_closed_form():
 
 
 def test_bench_reward_diff_se_is_the_paired_standard_error():
-    """T46: reward_diff_se = std(R(x) - R(x_teacher)) / sqrt(N), the paired s.e. the claims' tolerance uses."""
+    """Reward_diff_se = std(R(x) - R(x_teacher)) / sqrt(N), the paired s.e. the claims' tolerance uses."""
     data, cfg = GaussianMixture(), bench.BenchConfig()
     g = torch.Generator().manual_seed(0)
     x_teacher, _ = data.sample(400, generator=g)
@@ -452,7 +449,7 @@ def test_bench_reward_diff_se_is_the_paired_standard_error():
 
 
 def test_bench_second_data_draw_is_independent_of_the_first():
-    """T50: the "data (2nd draw)" row is the noise floor of SW2 / MMD between two exact draws with the pairs'
+    """The "data (2nd draw)" row is the noise floor of SW2 / MMD between two exact draws with the pairs'
     labels: a draw of its own (SW2 > 0), each point in its pair's mode."""
     cfg = dataclasses.replace(bench.QUICK, eval_size=256)
     data = GaussianMixture()
@@ -462,13 +459,8 @@ def test_bench_second_data_draw_is_independent_of_the_first():
     assert (data.mode_of(x_data2) == labels).float().mean() > 0.95
 
 
-# ---------------------------------------------------------------------------------------------------
-# toy/redif.py, toy/baselines.py, toy/dmdr.py (T41-T44, T51, T52, T54)
-# ---------------------------------------------------------------------------------------------------
-
-
 def test_teacher_grid_contains_the_students_and_has_at_least_50_steps():
-    """T51: teacher_grid_steps(K) = K * ceil(50 / K): 50 where K divides 50, else the next multiple (K=4: 52,
+    """Teacher_grid_steps(K) = K * ceil(50 / K): 50 where K divides 50, else the next multiple (K=4: 52,
     K=8: 56, K=3: 51), never fewer than the teacher's 50 steps; the student's grid lies inside it."""
     for k, n in ((1, 50), (2, 50), (5, 50), (4, 52), (8, 56), (3, 51), (7, 56)):
         assert teacher_grid_steps(k) == n
@@ -476,7 +468,7 @@ def test_teacher_grid_contains_the_students_and_has_at_least_50_steps():
 
 
 def test_cd_target_is_f_ema_at_the_next_grid_time(monkeypatch):
-    """T42: CD compares f_theta(x_{t_n}, t_n) with f_ema(x_hat_{t_{n+1}}, t_{n+1}); record both calls' times."""
+    """CD compares f_theta(x_{t_n}, t_n) with f_ema(x_hat_{t_{n+1}}, t_{n+1}); record both calls' times."""
     calls, f = [], baselines.consistency_fn
 
     def spy(model, x, t, labels, guidance=None):
@@ -494,7 +486,7 @@ def test_cd_target_is_f_ema_at_the_next_grid_time(monkeypatch):
 
 
 def test_pd_each_stage_distils_a_frozen_copy_of_the_previous_student(monkeypatch):
-    """T41: from stage 2 on, the teacher is the previous stage's student, frozen: another module than the one
+    """From stage 2 on, the teacher is the previous stage's student, frozen: another module than the one
     being trained, with weights that do not move during the stage."""
     seen, eps = [], baselines.student_eps
 
@@ -513,7 +505,7 @@ def test_pd_each_stage_distils_a_frozen_copy_of_the_previous_student(monkeypatch
 
 
 def test_pd_trains_every_student_step_of_each_stage(monkeypatch):
-    """T56: each PD stage trains the student on every step of its n-step grid, the last one (down to the end)
+    """Each PD stage trains the student on every step of its n-step grid, the last one (down to the end)
     included: the student steps' start times drawn in a stage cover trailing_timesteps(n)."""
     seen, eps = [], baselines.student_eps
     monkeypatch.setattr(baselines, "student_eps", lambda model, x, t, labels, guidance=None: seen.append(
@@ -525,7 +517,7 @@ def test_pd_trains_every_student_step_of_each_stage(monkeypatch):
 
 
 def test_the_surrogate_gets_each_rollouts_group_advantage_at_every_step(monkeypatch):
-    """Z21, Z23 (killed before only by the learning test): E4-E5 in train_redif. The surrogate's advantages, laid
+    """E4-E5 in train_redif. The surrogate's advantages, laid
     out (K, b) like the log-probs, hold rollout b's advantage at every step k, and that advantage is its reward
     normalised within its own group of G consecutive rollouts (same label and x_T), by hand."""
     from toy import redif as toy_redif
