@@ -151,7 +151,7 @@ class Config:
     max_grad_norm: float = flag(10.0, "gradient clipping for both optimisers (DMD2: 10)")
     gradient_checkpointing: bool = flag(False, "recompute activations of the UNets and the VAE in backward")
     compile: bool = flag(False, "torch.compile the UNets' forward (inductor) with channels_last weights; the first "
-                         "iterations compile a few graphs (off until measured on a GPU)")
+                         "iterations compile a few graphs (off until measured on a GPU; with DynaDG: torch >= 2.6)")
     out: str = flag("runs/dmdr", "output folder")
     device: str = flag("auto", "auto (CUDA if present), cuda or cpu", choices=["auto", "cuda", "cpu"])
     precision: str = flag("auto", "auto: bf16 on CUDA, fp32 on CPU; bf16: frozen weights bf16 under bf16 autocast, "
@@ -225,6 +225,11 @@ def validate(cfg):
         cfg.rl_weight = 0.05  # official demo
     if cfg.lr is None:
         cfg.lr = 1e-5 if cfg.generator == "full" else 1e-4  # DMD2 / our choice
+    specializes_floats = getattr(torch._dynamo.config, "specialize_float", False)  # True before torch 2.6
+    if cfg.compile and cfg.dynadg and cfg.dynadg_lambda0 > 0 and specializes_floats:
+        fail(f"--compile with DynaDG needs torch >= 2.6 (this is {torch.__version__}): older dynamo compiles the "
+             "UNet again for every new DynaDG scale, i.e. every iteration",
+             "upgrade torch, drop --compile or pass --no-dynadg")
     if cfg.rl == "grpo" and cfg.grpo_group < 2:
         fail(f"--grpo-group {cfg.grpo_group}: GRPO normalises within a group", "use --grpo-group 4")
     if cfg.rl == "grpo" and not 0 < cfg.grpo_eta <= 1:
@@ -285,10 +290,11 @@ def check_out_dir(cfg, out):
         print(f"note: {out} holds no checkpoint (its run stopped before the first): starting afresh there")
 
 
-def lock_run_folder(out):
+def lock_run_folder(out, held):
     """One process per run folder: a second run there (a --resume while the first still runs, a job resubmitted
     too soon) would interleave checkpoints and metrics. A POSIX lock: the OS releases it however the process ends.
-    -> the lock file's descriptor, to close when the run ends (a raw one: nothing to warn of if it is not)."""
+    The lock file's descriptor goes on `held`, which main closes when the run ends (a raw one: nothing to warn of
+    if it is not)."""
     try:
         import fcntl
     except ImportError:  # not POSIX (Windows): no lock
@@ -299,12 +305,11 @@ def lock_run_folder(out):
         write_failed(out / ".lock", e)
     try:
         fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks (some NFS): run unlocked
-            return lock
-        os.close(lock)
-        fail(f"another process is running in {out}", "wait for it to end (or stop it), or choose another --out")
-    return lock
+    except OSError as e:  # else a file system without locks (some NFS): run unlocked
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            os.close(lock)
+            fail(f"another process is running in {out}", "wait for it to end (or stop it), or choose another --out")
+    held.append(lock)
 
 
 # settings a resumed run may change: they leave what was already trained alone (the lrs: the fix of a non-finite
@@ -1323,11 +1328,12 @@ def save_generator(m, cfg, folder):
 # ---------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------
-def main(argv=None):
+def run(argv, held):
     cfg = parse_args(argv)
     out = Path(cfg.out)
     check_out_dir(cfg, out)
-    lock = lock_run_folder(out) if out.is_dir() else None  # now if it can, not after minutes of loading models
+    if out.is_dir():  # now if it can, not after minutes of loading models
+        lock_run_folder(out, held)
     if cfg.resume:
         cfg = resume_config(cfg, given_flags(argv), out)
     train_prompts, eval_prompts = validate(cfg)
@@ -1350,7 +1356,8 @@ def main(argv=None):
     if step > cfg.iters:
         fail(f"--iters {cfg.iters}: the run is past it, at iteration {step}", f"pass --iters {step} or more")
     out.mkdir(parents=True, exist_ok=True)
-    lock = lock if lock is not None else lock_run_folder(out)  # held until the run ends
+    if not held:
+        lock_run_folder(out, held)
     if not cfg.profile or not cfg.resume:  # a resumed profile's flags are for its own timing, not for the run
         atomic_write(out / "config.json", json.dumps(asdict(cfg), indent=2))  # on --resume: with the changes
     if not cfg.resume:
@@ -1421,7 +1428,15 @@ def main(argv=None):
     finally:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
-        if lock is not None:
+
+
+def main(argv=None):
+    # the run folder's lock is let go however the run ends, a one-line error too: in a notebook the process lives on
+    held = []
+    try:
+        return run(argv, held)
+    finally:
+        for lock in held:
             os.close(lock)
 
 

@@ -1244,10 +1244,11 @@ def check_out_dir(cfg, out):
         print(f"note: {out} holds no checkpoint (its run stopped before the first): starting afresh there")
 
 
-def lock_run_folder(out):
+def lock_run_folder(out, held):
     """One process per run folder: a second run there (a --resume while the first still runs, a job resubmitted
     too soon) would interleave checkpoints and metrics. A POSIX lock: the OS releases it however the process ends.
-    -> the lock file's descriptor, to close when the run ends (a raw one: nothing to warn of if it is not)."""
+    The lock file's descriptor goes on `held`, which main closes when the run ends (a raw one: nothing to warn of
+    if it is not)."""
     try:
         import fcntl
     except ImportError:  # not POSIX (Windows): no lock
@@ -1258,12 +1259,11 @@ def lock_run_folder(out):
         write_failed(out / ".lock", e)
     try:
         fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks (some NFS): run unlocked
-            return lock
-        os.close(lock)
-        fail(f"another process is running in {out}", "wait for it to end (or stop it), or choose another --out")
-    return lock
+    except OSError as e:  # else a file system without locks (some NFS): run unlocked
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            os.close(lock)
+            fail(f"another process is running in {out}", "wait for it to end (or stop it), or choose another --out")
+    held.append(lock)
 
 
 # settings a resumed run may change: they leave what was already trained alone (lr: e.g. after NaN rewards);
@@ -1406,11 +1406,12 @@ def train_iteration(models, rm, weights, cache, optimizer, tracker, prompts, ste
     return record
 
 
-def main(argv=None):
+def run(argv, held):
     cfg = parse_args(argv)
     out, changed = Path(cfg.out), {}
     check_out_dir(cfg, out)
-    lock = lock_run_folder(out) if out.is_dir() else None  # now if it can, not after minutes of loading models
+    if out.is_dir():  # now if it can, not after minutes of loading models
+        lock_run_folder(out, held)
     if cfg.resume:
         cfg, changed = resume_config(cfg, given_flags(argv), out)
     weights, prompts = validate(cfg)
@@ -1428,7 +1429,8 @@ def main(argv=None):
     models = setup_models(cfg, pipe, device)
     rm = load_reward_models(cfg, weights, device)  # a reward model that fails to load leaves no run folder behind
     out.mkdir(parents=True, exist_ok=True)
-    lock = lock if lock is not None else lock_run_folder(out)  # held until the run ends
+    if not held:
+        lock_run_folder(out, held)
     if not cfg.resume:
         write_config(cfg, out)
         atomic_write(out / "prompts.txt", "".join(p + "\n" for p in prompts))
@@ -1506,10 +1508,19 @@ def main(argv=None):
     finally:
         with contextlib.suppress(OSError):  # each line was flushed as written: a failed close repeats a reported error
             metrics_file.close()
-        if lock is not None:
-            os.close(lock)
         for signum, handler in old_handlers.items():
             signal.signal(signum, handler)
+
+
+def main(argv=None):
+    # the run folder's lock is let go however the run ends, a one-line error too: in a notebook the process lives on
+    held = []
+    try:
+        return run(argv, held)
+    finally:
+        for lock in held:
+            os.close(lock)
+
 
 if __name__ == "__main__":
     try:

@@ -234,17 +234,24 @@ def test_one_process_per_run_folder(script, tmp_path, monkeypatch):
     monkeypatch.setattr(mod, "save_checkpoint", lambda *a, **kw: seen.append(can_lock()) or save(*a, **kw))
     mod.main(RUNS[script] + ["--out", str(out)])
     assert seen == [False] and can_lock()
+    with pytest.raises(SystemExit, match="^error: .*missing"):  # a one-line error after the lock was taken
+        mod.main(RUNS[script] + ["--out", str(out), "--resume", "--prompts", str(tmp_path / "missing.txt")])
+    assert can_lock()  # let go, though this process lives on (a notebook's would)
 
     import fcntl
     for code in (errno.EAGAIN, errno.ENOLCK):  # locked by another process; a file system without locks: no lock
 
         def lockf(*args):
             raise OSError(code, os.strerror(code))
+        held = []
         with monkeypatch.context() as patch:
             patch.setattr(fcntl, "lockf", lockf)
             refusal = pytest.raises(SystemExit, match="another process")
             with refusal if code == errno.EAGAIN else contextlib.nullcontext():
-                assert mod.lock_run_folder(out) is not None
+                mod.lock_run_folder(out, held)
+        assert len(held) == (code == errno.ENOLCK)  # a refusal holds nothing open
+        for lock in held:
+            os.close(lock)
     (tmp_path / "unwritable" / ".lock").mkdir(parents=True)  # as a read-only folder: the lock file cannot open
     with pytest.raises(SystemExit, match=r"^error: could not write .*\.lock: Is a directory \(fix: free disk"):
         mod.main(RUNS[script] + ["--out", str(tmp_path / "unwritable")])

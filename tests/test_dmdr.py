@@ -1380,18 +1380,35 @@ def test_bf16_end_to_end_keeps_fp32_state(rl, prompt_file, tmp_path):
 def test_compile_gives_the_same_run_and_stops_recompiling(prompt_file, tmp_path, dynamo_graphs):
     """--compile (traced with dynamo's "eager" backend, see conftest.py) repeats the uncompiled run's metrics,
     and once the first evaluation has run no new graph is compiled, although the DynaDG scale changes every
-    iteration."""
-    args = ("refl", 4, "--generator", "lora", "--eval-every", "2")
+    iteration (torch < 2.6, which refuses --compile with DynaDG, runs this without it)."""
+    dynadg = not getattr(torch._dynamo.config, "specialize_float", False)
+    args = ("refl", 4, "--generator", "lora", "--eval-every", "2") + (() if dynadg else ("--no-dynadg",))
     dmdr.main(tiny_args(prompt_file, tmp_path / "eager", *args))
     graphs = dynamo_graphs(dmdr, "fake_updates")
     dmdr.main(tiny_args(prompt_file, tmp_path / "compiled", *args, "--compile"))
     assert 0 < graphs[2] == graphs[3]  # graphs[i]: after iteration i+1's updates, before its evaluation
-    assert len({r["dynadg_scale"] for r in read_metrics(tmp_path / "compiled")}) == 4
+    assert len({r["dynadg_scale"] for r in read_metrics(tmp_path / "compiled")}) == (4 if dynadg else 1)
     for ours, theirs in zip(read_metrics(tmp_path / "compiled"), read_metrics(tmp_path / "eager"), strict=True):
         assert ours.keys() == theirs.keys()
         for key in ours.keys() - {k for k in ours if k.startswith("sec_")}:
             # channels_last reorders the convolutions' sums: equal up to float rounding
             assert ours[key] == pytest.approx(theirs[key], rel=1e-3, abs=1e-6), key
+
+
+def test_compile_with_dynadg_on_a_torch_that_specialises_floats_is_one_line(prompt_file, tmp_path):
+    """torch < 2.6 guards on each float's value (dynamo's specialize_float): with DynaDG's scale changing every
+    iteration, --compile would compile the UNet again every iteration (measured on torch 2.4: a new graph per
+    iteration). Refused before any model loads, unless DynaDG is off."""
+    args = tiny_args(prompt_file, tmp_path / "run", "none", 2, "--compile")
+    with torch._dynamo.config.patch(specialize_float=True):
+        with pytest.raises(SystemExit, match=r"^error: --compile with DynaDG needs torch >= 2\.6 \(this is .*\(fix: "
+                                             r"upgrade torch, drop --compile or pass --no-dynadg\)$"):
+            dmdr.main(args)
+        assert not (tmp_path / "run").exists()
+        for ok in (["--no-dynadg"], ["--dynadg-lambda0", "0"]):
+            dmdr.validate(dmdr.parse_args(args + ok))
+    with torch._dynamo.config.patch(specialize_float=False):  # torch >= 2.6's default
+        dmdr.validate(dmdr.parse_args(args))
 
 
 def test_aesthetic_reward_loads_the_laion_checkpoint_and_is_differentiable(prompt_file, tmp_path, monkeypatch):
