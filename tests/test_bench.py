@@ -257,6 +257,44 @@ def test_one_process_per_run_folder(script, tmp_path, monkeypatch):
         mod.main(RUNS[script] + ["--out", str(tmp_path / "unwritable")])
 
 
+def sqrtm_psd(c):
+    w, v = torch.linalg.eigh(c)
+    return v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
+
+
+@pytest.mark.parametrize("script", ["dmdr", "redif"])
+def test_frechet_distance_of_anisotropic_gaussians_is_the_closed_form(script):
+    """The Frechet distance's matrix square roots are right for covariances that are not multiples of I (CLIP
+    features are anything but isotropic; an isotropic test cannot see transposed eigenvectors): equal to the
+    formula with a square root checked by squaring it, and near the population value."""
+    g = torch.Generator().manual_seed(0)
+    mix_a, mix_b = (torch.randn(3, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    a = torch.randn(4000, 3, generator=g, dtype=torch.float64) @ mix_a.T
+    b = 0.5 + torch.randn(4000, 3, generator=g, dtype=torch.float64) @ mix_b.T
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    root = sqrtm_psd(cov_a)
+    torch.testing.assert_close(root @ root, cov_a)
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + cov_a.trace() + cov_b.trace() - 2 * sqrtm_psd(
+        root @ cov_b @ root).trace()
+    fd = {"dmdr": dmdr, "redif": redif}[script].frechet_distance(a, b)
+    assert fd == pytest.approx(expected.item(), rel=1e-9)
+    ca, cb = mix_a @ mix_a.T, mix_b @ mix_b.T  # the population: means 0 and 0.5, covariances mix mix^T
+    ra = sqrtm_psd(ca)
+    assert fd == pytest.approx((3 * 0.25 + ca.trace() + cb.trace() - 2 * sqrtm_psd(ra @ cb @ ra).trace()).item(),
+                               rel=0.1)
+
+
+@pytest.mark.parametrize("script, spec", [("redif", "clip=1,dino=0"), ("dmdr", "clip_text=1,aesthetic=0")])
+def test_a_zero_weight_reward_term_is_allowed_beside_a_non_zero_one(script, spec):
+    """A term at weight 0 is skipped (a spec may keep it written out); only a spec whose weights are all zero is
+    refused."""
+    mod = {"dmdr": dmdr, "redif": redif}[script]
+    first, second = (term.split("=")[0] for term in spec.split(","))
+    assert mod.parse_reward(spec) == {first: 1.0, second: 0.0}
+    with pytest.raises(SystemExit, match="no non-zero weight"):
+        mod.parse_reward(f"{first}=0,{second}=0")
+
+
 def test_train_summary_reports_the_last_evaluation_and_the_worst_first_minibatch_ratio():
     rows = [{"iter": 0, "phase": "eval", "eval_reward": 0.1}, {"iter": 0, "phase": "rl", "ratio_err_first": 2e-4,
             "clipfrac_first": 0.5}, {"iter": 1, "phase": "rl", "ratio_err_first": 3e-5, "clipfrac_first": 0.0},

@@ -1411,6 +1411,38 @@ def test_compile_with_dynadg_on_a_torch_that_specialises_floats_is_one_line(prom
         dmdr.validate(dmdr.parse_args(args))
 
 
+def test_clip_score_is_the_cosine_of_unit_image_and_text_embeddings(lora_models):
+    """The CLIP text-image score (ReFL's reward, eval_clip_*) is a cosine: both embeddings unit-normalised,
+    so it lies in [-1, 1] whatever the norms of the encoders' outputs."""
+    m = lora_models
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        text = m.clip.encode_text(m.clip_tokenizer(PROMPTS[:2])).float()
+        image = dmdr.clip_features(m, images)
+        expected = (torch.nn.functional.normalize(image, dim=-1) * torch.nn.functional.normalize(text, dim=-1)).sum(-1)
+        score = dmdr.clip_score(m, images, PROMPTS[:2])
+    assert (text.norm(dim=-1) - 1).abs().max() > 1e-3  # the encoder's own output is not unit: the normalising shows
+    torch.testing.assert_close(score, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dmdr_eval_reward_is_the_generators_reward(lora_models, prompt_file, tmp_path):
+    """eval_reward is the --reward of the generator's held-out images (by hand from evaluate's fixed noise),
+    not of the teacher's, whose images never change (eval_clip_teacher is their score)."""
+    m = lora_models
+    cfg = dmdr.parse_args(tiny_args(prompt_file, tmp_path, "none", 1))
+    _, eval_prompts = dmdr.validate(cfg)
+    cache = {}
+    metrics = dmdr.evaluate(m, cfg, eval_prompts, cache, 0, tmp_path)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    z = torch.randn(len(eval_prompts), *dmdr.latent_shape(m), generator=g)
+    with torch.no_grad():
+        generated = dmdr.decode(m, dmdr.sample_generator(m, z, dmdr.encode_prompts(m, eval_prompts), generator=g))
+        ours = dmdr.reward_fn(m, cfg, generated, eval_prompts).mean().item()
+        teachers = dmdr.reward_fn(m, cfg, cache["teacher"], eval_prompts).mean().item()
+    assert abs(ours - teachers) > 1e-6
+    assert metrics["eval_reward"] == pytest.approx(ours, rel=1e-5)
+
+
 def test_aesthetic_reward_loads_the_laion_checkpoint_and_is_differentiable(prompt_file, tmp_path, monkeypatch):
     """--reward clip_text=1,aesthetic=0.05: the head loads a checkpoint in the LAION predictor's own format
     ("layers.N.*" keys; the CLIP ViT-L/14 download is replaced by the tiny CLIP here), the reward is the weighted

@@ -1293,6 +1293,24 @@ def test_run_summary_names_device_and_precision_and_warns_of_a_cpu_run_at_sd_sca
         assert len(summary("cuda", *args, "--precision", "fp32")) == 1
 
 
+def test_evaluation_scores_the_teachers_aesthetic_on_the_teachers_images(workdir, tmp_path):
+    """eval_aesthetic_teacher is the aesthetic score of the teacher's held-out images and
+    eval_aesthetic_student that of the eta-0 student's, both by hand (the full run only reads the student's)."""
+    cfg, models, rm, weights, cache, optimizer, prompts = tiny_trainer(workdir, "--reward", "aesthetic=1")
+    metrics = redif.evaluate(models, rm, weights, cache, prompts, tmp_path / "a.png")
+    n = cfg.eval_pairs
+    pair_prompts, seeds = [prompts[i % len(prompts)] for i in range(n)], [redif.EVAL_SEED_BASE + i for i in range(n)]
+    teacher = cache.get(pair_prompts, seeds)[:, -1]
+    x_T = redif.initial_noise(seeds, models.latent_size, torch.device("cpu"))
+    student = redif.sample_student(models, x_T, redif.encode_prompts(models, pair_prompts), eta=0.0)[0][:, -1]
+    with torch.no_grad():
+        score_s = redif.aesthetic_score(rm, redif.decode(models, student)).mean().item()
+        score_t = redif.aesthetic_score(rm, redif.decode(models, teacher)).mean().item()
+    assert abs(score_s - score_t) > 1e-6  # a 2-step student is not the teacher: a swap would show
+    assert metrics["eval_aesthetic_student"] == pytest.approx(score_s, rel=1e-5)
+    assert metrics["eval_aesthetic_teacher"] == pytest.approx(score_t, rel=1e-5)
+
+
 def test_frechet_distance_of_gaussians():
     g = torch.Generator().manual_seed(5)
     a = torch.randn(4000, 3, generator=g, dtype=torch.float64)
@@ -1300,6 +1318,15 @@ def test_frechet_distance_of_gaussians():
     # N(0, I) vs N(1, 4 I) in 3-d: |mu|^2 + tr(I + 4I - 2 * 2I) = 3 + 3
     b = 1 + 2 * torch.randn(4000, 3, generator=g, dtype=torch.float64)
     assert redif.frechet_distance(a, b) == pytest.approx(6.0, rel=0.1)
+
+
+def test_resume_refuses_the_runs_prompts_in_another_order(tmp_path):
+    """draw_pairs indexes the prompt list and evaluate takes prompt i mod P, so a reordered prompt file would
+    resume a different run: check_same_prompts compares the lists, order included."""
+    (tmp_path / "prompts.txt").write_text("a photo of a cat\na red car on a road\n")
+    redif.check_same_prompts(tmp_path, ["a photo of a cat", "a red car on a road"])
+    with pytest.raises(SystemExit, match="the prompts differ from those the run started with"):
+        redif.check_same_prompts(tmp_path, ["a red car on a road", "a photo of a cat"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1330,6 +1357,8 @@ def test_bad_inputs(workdir, monkeypatch):
     expect_error(short + ["--teacher-steps", "61"], "--teacher-steps 61", "has 62 timesteps", "use --teacher-steps 60")
     expect_error(short + ["--steps", "103", "--teacher-steps", "200"], "--steps 103", "use --steps 102")
     expect_error(short + ["--teacher-steps", "1001"], "above the 1000 training timesteps")
+    expect_error(short + ["--clip-range", "0"], "--clip-range 0.0 must be positive")  # E5: every ratio clipped
+    expect_error(short + ["--clip-range", "-0.1"], "--clip-range -0.1 must be positive")  # the clamp's bounds cross
     expect_error(["--teacher", "tiny", "--algo", "grpo", "--group", "1"] + base, "--group 1", "--algo ppo")
     for name in ("--ckpt-every", "--teacher-batch", "--max-nan-skips", "--sample-batch"):  # each would break a loop
         expect_error(["--teacher", "tiny", name, "0"] + base, f"{name} 0 must be positive")

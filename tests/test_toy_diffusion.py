@@ -170,3 +170,28 @@ def test_mixture_config_controls_the_modes():
     data = GaussianMixture(MixtureConfig(num_modes=3, radius=1.0))
     assert data.means.shape == (3, 2) and torch.allclose(data.means.norm(dim=-1), torch.ones(3, dtype=DTYPE))
     assert math.isclose(data.weights.sum().item(), 1.0)
+
+
+def test_conditional_log_prob_is_the_labels_own_gaussian():
+    """p_t(x | c) of the mixture is the single Gaussian N(sqrt(abar) m_c, abar S_c + (1 - abar) I): its log
+    density, not the joint log w_c + log N (the score cannot tell them apart: they differ by a constant)."""
+    data = GaussianMixture()
+    g = torch.Generator().manual_seed(0)
+    x = 3 * torch.randn(64, 2, generator=g, dtype=DTYPE)
+    for abar in (1.0, 0.3):
+        for c in range(data.num_modes):
+            cov = abar * data.covs[c] + (1 - abar) * torch.eye(2, dtype=DTYPE)
+            ref = torch.distributions.MultivariateNormal(math.sqrt(abar) * data.means[c], cov).log_prob(x)
+            torch.testing.assert_close(data.log_prob(x, torch.tensor(abar, dtype=DTYPE), torch.full((64,), c)), ref)
+
+
+def test_mode_of_is_the_posteriors_most_likely_component():
+    """mode_of (coverage, per-label checks) is argmax_m w_m N(x; m_m, S_m), the posterior's mode: with
+    non-uniform weights this differs from the likelihood's argmax between modes."""
+    data = GaussianMixture()
+    assert data.weights.max() / data.weights.min() > 1.5  # non-uniform, so the weights matter
+    g = torch.Generator().manual_seed(0)
+    x = 2.2 * torch.randn(20000, 2, generator=g, dtype=DTYPE)
+    comps = torch.stack([torch.distributions.MultivariateNormal(data.means[m], data.covs[m]).log_prob(x)
+                         for m in range(data.num_modes)], -1)
+    assert torch.equal(data.mode_of(x), (data.weights.log() + comps).argmax(-1))

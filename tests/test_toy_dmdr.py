@@ -431,6 +431,37 @@ def setup():
     return data, student, evaluate
 
 
+def test_fake_loss_rows_carry_their_own_samples_label_and_step(monkeypatch):
+    """Each fresh generator sample enters the fake loss fake_draws times (x_gen.repeat); every one of
+    those rows must carry that sample's label and, with fake_per_step, the step k that produced it."""
+    data = GaussianMixture()
+    init = pretrain_student(data, steps=20, batch=64)
+    B, draws = 8, 4
+    cfg = toy.dmdr.ToyDMDRConfig(steps=2, iters=1, batch=B, fake_draws=draws, fake_updates=2, fake_per_step=True)
+    sims, noised, deltas = [], [], []
+    real_sim, real_noise, real_delta = toy.dmdr.backward_simulate, toy.dmdr.add_noise, toy.dmdr.FakeScore.delta
+    monkeypatch.setattr(toy.dmdr, "backward_simulate",
+                        lambda model, z, labels, steps, k, g: sims.append((labels.clone(), k.clone()))
+                        or real_sim(model, z, labels, steps, k, g))
+    monkeypatch.setattr(toy.dmdr, "add_noise", lambda x0, noise, abar: noised.append(out := real_noise(x0, noise, abar))
+                        or out)
+
+    def delta(self, x, t, labels, ac, step=0):
+        deltas.append((x.detach().clone(), labels.clone(), torch.as_tensor(step).clone()))
+        return real_delta(self, x, t, labels, ac, step)
+    monkeypatch.setattr(toy.dmdr.FakeScore, "delta", delta)
+    toy.dmdr.train_dmdr(data, init, cfg)
+    labels, k = sims[0]
+    fake_labels, fake_k = labels[B:2 * B], k[B:2 * B]
+    x_t = next(v for v in noised if v.shape[0] == B * draws)  # the fake loss's noised samples
+    rows = [d for d in deltas if d[0].shape[0] == B * draws // cfg.fake_updates]
+    assert len(rows) == cfg.fake_updates
+    for x, lab, step in rows:
+        idx = torch.stack([(x_t == r).all(-1).nonzero()[0, 0] for r in x]) % B  # which sample each row is
+        assert torch.equal(lab, fake_labels[idx]) and torch.equal(step.expand(len(idx)), fake_k[idx])
+    assert fake_k.unique().numel() > 1 and fake_labels.unique().numel() > 1
+
+
 def test_dmd_improves_a_poor_one_step_generator(setup):
     """K = 1 from the pretrained student (its one-step x0: a blurred mean plus 15x-amplified eps errors).
     Seeds 0 / 1 / 2: SW2 2.00 -> 0.45 / 0.56 / 0.48, mean log p_0 -233 -> -30 / -34 / -30."""

@@ -448,6 +448,50 @@ def test_bench_reward_diff_se_is_the_paired_standard_error():
     assert m["reward"] - toy_reward(x_teacher).mean().item() == pytest.approx(shift.mean().item())
 
 
+def _proxy_hist(errs, proxy):
+    return [dict(heldout_align_err=e, heldout_reward=p) for e, p in zip(errs, proxy)]
+
+
+def test_bench_proxy_claim_needs_ppos_onset_five_epochs_before_grpos():
+    """Both over-optimise by the same amount; PPO's onset comes 2 epochs AFTER GRPO's, so PPO is not worse:
+    the claim is not reproduced in either setting."""
+    cfg = bench.BenchConfig(redif_k=5, redif_iters=6)
+    grpo = _proxy_hist((0.3, 0.1, 0.2, 0.2, 0.2, 0.2), (0.1, 0.2, 0.3, 0.3, 0.3, 0.3))  # onset 3
+    ppo = _proxy_hist((0.3, 0.1, 0.1, 0.1, 0.2, 0.2), (0.1, 0.2, 0.3, 0.3, 0.3, 0.3))  # onset 5
+    assert bench.proxy_summary(grpo)["onset"] == 3 and bench.proxy_summary(ppo)["onset"] == 5
+    histories = {(a + s, 5): h for a, h in (("grpo", grpo), ("ppo", ppo)) for s in ("-proxy", "-proxy-stress")}
+    _, verdict, _ = bench.proxy_claim(histories, cfg)
+    assert verdict.startswith("NOT REPRODUCED") and "both over-optimise" in verdict
+    early = _proxy_hist((0.3, 0.1, 0.2, 0.2, 0.2, 0.2), (0.1, 0.2, 0.3, 0.3, 0.3, 0.3))
+    late = _proxy_hist((0.3, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.2), (0.1,) + (0.3,) * 8)  # onset 9 = 3 + 6
+    histories = {(a + s, 5): h for a, h in (("grpo", late), ("ppo", early)) for s in ("-proxy", "-proxy-stress")}
+    assert bench.proxy_claim(histories, cfg)[1] == "REPRODUCED"
+
+
+def test_bench_data_reference_has_the_eval_pairs_labels():
+    """The data reference x_data (SW2 / MMD / support threshold of every row) is drawn with the held-out pairs'
+    labels, as x_data2 is: a label count of its own adds the same mismatch to every method's SW2 and MMD."""
+    cfg = dataclasses.replace(bench.QUICK, eval_size=256)
+    data = GaussianMixture()
+    labels, _, _, x_data, x_data2 = bench.eval_references(data, cfg)
+    assert (data.mode_of(x_data) == labels).float().mean() > 0.95
+
+
+def test_bench_trains_redif_rl_from_the_bc_student(monkeypatch):
+    """The bench's ReDiF rows are BC (E7) then RL: train_redif runs with bc_iters=0 from the behaviour-cloned
+    model, not from the pretrained init (which would be RL alone). Every trainer stubbed: seconds."""
+    init, bc_model, calls = object(), object(), []
+    monkeypatch.setattr(bench, "consistency_distillation", lambda *a, **k: "cd")
+    monkeypatch.setattr(bench, "progressive_distillation", lambda *a, **k: "pd")
+    monkeypatch.setattr(bench, "behaviour_cloning", lambda data, start, K, *a, **k: bc_model)
+    monkeypatch.setattr(bench, "train_redif",
+                        lambda data, start, rcfg, seed=0: calls.append((start, rcfg)) or ("m", []))
+    monkeypatch.setattr(bench, "train_dmdr", lambda *a, **k: ("m", []))
+    cfg = bench.BenchConfig(ks=(2,), redif_k=2)
+    bench.train_all(GaussianMixture(), init, cfg, log=lambda *a: None)
+    assert calls and all(start is bc_model and rcfg.bc_iters == 0 for start, rcfg in calls)
+
+
 def test_bench_second_data_draw_is_independent_of_the_first():
     """The "data (2nd draw)" row is the noise floor of SW2 / MMD between two exact draws with the pairs'
     labels: a draw of its own (SW2 > 0), each point in its pair's mode."""
@@ -514,6 +558,39 @@ def test_pd_trains_every_student_step_of_each_stage(monkeypatch):
     baselines.progressive_distillation(data, EpsMLP(data.num_modes), 4, iters_per_stage=2, batch=64, min_start=8)
     trained = torch.cat([t for grad, t in seen if grad]).unique().tolist()  # one stage, n = 4 (8 -> 4)
     assert sorted(trained) == sorted(trailing_timesteps(4).tolist())
+
+
+def test_pd_teachers_second_step_starts_from_its_first_steps_landing(monkeypatch):
+    """The PD target is two teacher DDIM steps, t -> t_mid from x_t, then t_mid -> t_next from x_mid, the first
+    step's landing: the second step's epsilon must be evaluated at x_mid (the existing test checks only times)."""
+    data, eps_inputs, landings = GaussianMixture(), [], []
+    real_eps, real_step = data.guided_eps, baselines.ddim_step
+    monkeypatch.setattr(data, "guided_eps", lambda x, t, labels, w, ac=None: eps_inputs.append(x.clone())
+                        or real_eps(x, t, labels, w, ac))
+    monkeypatch.setattr(baselines, "ddim_step",
+                        lambda eps, t, t_prev, x: landings.append(out := real_step(eps, t, t_prev, x)) or out)
+    torch.manual_seed(0)
+    baselines.progressive_distillation(data, EpsMLP(data.num_modes), 4, iters_per_stage=1, batch=16, min_start=8)
+    assert len(eps_inputs) == 2 and len(landings) == 3  # one stage (8 -> 4): teacher x_t, teacher x_mid, student
+    x_t, x_mid = eps_inputs
+    assert torch.equal(x_mid, landings[0]) and not torch.equal(x_mid, x_t)
+
+
+def test_bc_pairs_each_teacher_trajectory_with_its_own_label(monkeypatch):
+    """Behaviour cloning's transitions are the teacher's trajectory from (label, x_T) with that label: every
+    row's x_T (its first state) and label are one teacher_pairs draw of the BC pool."""
+    from toy import redif as toy_redif
+    data, seen, real = GaussianMixture(), [], toy_redif.bc_loss
+    monkeypatch.setattr(toy_redif, "bc_loss", lambda model, states, labels, *a, **k: seen.append((states, labels))
+                        or real(model, states, labels, *a, **k))
+    toy_redif.behaviour_cloning(data, pretrain_student(data, steps=20, batch=64), 2, iters=2, transitions=32, pool=64)
+    pool_labels, pool_x_T, pool_x0 = toy_redif.teacher_pairs(data, 64, 10_000)
+    for states, labels in seen:
+        match = (states[0].unsqueeze(1) == pool_x_T.unsqueeze(0)).all(-1)  # (rows, pool)
+        assert match.any(1).all()  # every x_T is one of the pool's
+        idx = match.double().argmax(1)
+        assert torch.equal(labels, pool_labels[idx])
+        torch.testing.assert_close(states[-1], pool_x0[idx])
 
 
 def test_the_surrogate_gets_each_rollouts_group_advantage_at_every_step(monkeypatch):
