@@ -473,7 +473,7 @@ def test_bench_data_reference_has_the_eval_pairs_labels():
     labels, as x_data2 is: a label count of its own adds the same mismatch to every method's SW2 and MMD."""
     cfg = dataclasses.replace(bench.QUICK, eval_size=256)
     data = GaussianMixture()
-    labels, _, _, x_data, x_data2 = bench.eval_references(data, cfg)
+    labels, _, _, x_data, _ = bench.eval_references(data, cfg)
     assert (data.mode_of(x_data) == labels).float().mean() > 0.95
 
 
@@ -562,7 +562,7 @@ def test_pd_trains_every_student_step_of_each_stage(monkeypatch):
 
 def test_pd_teachers_second_step_starts_from_its_first_steps_landing(monkeypatch):
     """The PD target is two teacher DDIM steps, t -> t_mid from x_t, then t_mid -> t_next from x_mid, the first
-    step's landing: the second step's epsilon must be evaluated at x_mid (the existing test checks only times)."""
+    step's landing: the second step's epsilon is evaluated at x_mid, not again at x_t."""
     data, eps_inputs, landings = GaussianMixture(), [], []
     real_eps, real_step = data.guided_eps, baselines.ddim_step
     monkeypatch.setattr(data, "guided_eps", lambda x, t, labels, w, ac=None: eps_inputs.append(x.clone())
