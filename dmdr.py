@@ -298,7 +298,7 @@ def lock_run_folder(out, held):
     try:
         import fcntl
     except ImportError:  # not POSIX (Windows): no lock
-        return None
+        return
     try:
         lock = os.open(out / ".lock", os.O_WRONLY | os.O_CREAT, 0o644)
     except OSError as e:  # a read-only folder

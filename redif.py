@@ -471,8 +471,9 @@ def encode_prompts(models, prompts):
         with models.ctx():
             models.text_cache.update(zip(missing, models.pipe.text_encoder(ids)[0].float()))
     embeddings = torch.stack([models.text_cache[p] for p in prompts])
-    for p in list(models.text_cache)[:-TEXT_CACHE_SIZE]:  # the oldest: a long prompt file stays within ~240 MB
-        del models.text_cache[p]
+    if missing:  # only an insertion can overfill it: cache hits (most calls) skip the scan
+        for p in list(models.text_cache)[:-TEXT_CACHE_SIZE]:  # the oldest: a long prompt file stays within ~240 MB
+            del models.text_cache[p]
     return embeddings
 
 
@@ -1252,7 +1253,7 @@ def lock_run_folder(out, held):
     try:
         import fcntl
     except ImportError:  # not POSIX (Windows): no lock
-        return None
+        return
     try:
         lock = os.open(out / ".lock", os.O_WRONLY | os.O_CREAT, 0o644)
     except OSError as e:  # a read-only folder
