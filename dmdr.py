@@ -581,7 +581,9 @@ def snapshot_generator(m):
 
 @contextlib.contextmanager
 def dpo_reference(m):
-    """The generator with DPO's reference weights (m.dpo_ref) swapped in by pointer for the block."""
+    """The generator with DPO's reference weights (m.dpo_ref) swapped in by pointer for the block. Each UNet call
+    enters its own autocast (unet_eps), whose cache of weight casts (keyed by parameter, not by its data) is
+    cleared on exit, so the reference is never served the generator's cached casts."""
     params = generator_params(m)
 
     def swap():

@@ -450,7 +450,13 @@ def reference_policy(models):
 
 
 def snapshot_reference(models):
-    models.reference = {n: p.detach().clone() for n, p in models.student.named_parameters() if p.requires_grad}
+    """The trainable weights as RL starts: matrices and kernels in frozen_dtype (autocast casts them to it anyway,
+    bit for bit: half the memory of a full fine-tune's copy), vectors (norms, biases: KBs) as they are, since
+    CUDA's autocast runs the norms in float32. Each UNet call enters its own autocast, whose cache of weight casts
+    (keyed by parameter, not by its data) is cleared on exit, so a swapped-in reference is never served stale."""
+    dtype = frozen_dtype(models.cfg, models.device)
+    models.reference = {n: p.detach().to(dtype if p.dim() > 1 else p.dtype, copy=True)
+                        for n, p in models.student.named_parameters() if p.requires_grad}
 
 
 def trainable_state(unet):

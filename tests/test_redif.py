@@ -771,17 +771,24 @@ def test_teacher_cache_stores_each_pairs_own_trajectory_when_computed_together(w
         torch.testing.assert_close(states[i], cache.sample([prompt], [seed])[0], rtol=1e-4, atol=1e-4)
 
 
-def test_kl_reference_is_the_student_as_rl_starts_not_the_pre_bc_teacher(workdir):
+@pytest.mark.parametrize("finetune,precision", [("lora", "fp32"), ("lora", "bf16"), ("full", "bf16")])
+def test_kl_reference_is_the_student_as_rl_starts_not_the_pre_bc_teacher(workdir, finetune, precision):
     """E6 after E7: the first RL minibatch is evaluated before any RL update, so its KL to the reference is
-    exactly 0 only if the reference is the BC'd student (the teacher would give KL > 0: BC moved the LoRA)."""
-    out = workdir / "kl_ref"
-    redif.main(tiny_args(workdir, "kl_ref", "--bc-iters", "2", "--iters", "2", "--lr", "3e-3", "--inner-epochs", "1",
-                         "--minibatches", "1", "--eval-every", "0"))
-    bc, rl, rl2 = [r for r in read_metrics(out) if r["phase"] != "eval"][1:]
+    exactly 0 only if the reference is the BC'd student (the teacher would give KL > 0: BC moved the weights).
+    Under bf16 the reference keeps its matrices in bf16, which autocast would cast them to, and its vectors (the
+    norms, which CUDA's autocast runs in float32) as they were: still exactly 0 (a bf16 copy of all gives 0.19)."""
+    name = f"kl_ref_{finetune}_{precision}"
+    redif.main(tiny_args(workdir, name, "--bc-iters", "2", "--iters", "2", "--lr", "3e-3", "--inner-epochs", "1",
+                         "--minibatches", "1", "--eval-every", "0", "--finetune", finetune, "--precision", precision))
+    bc, rl, rl2 = [r for r in read_metrics(workdir / name) if r["phase"] != "eval"][1:]
     assert bc["phase"] == "bc" and rl["phase"] == rl2["phase"] == "rl"
     assert rl["kl"] == 0.0
     assert rl2["kl"] > 0  # the reference stays where RL started (not re-snapshotted each iteration)
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["reference"] is not None  # resumes with it
+    reference = torch.load(workdir / name / "checkpoint.pt", weights_only=False)["reference"]  # resumes with it
+    matrix = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert {(v.dim() > 1, v.dtype) for v in reference.values()} >= {(True, matrix)}
+    assert {v.dtype for v in reference.values() if v.dim() == 1} <= {torch.float32}
+    assert (finetune == "full") == any(v.dim() == 1 for v in reference.values())  # LoRA has no vectors
 
 
 def test_bc_loss_is_the_mean_squared_error():
@@ -956,9 +963,10 @@ def test_bf16_end_to_end_keeps_fp32_state_and_saves_the_fp32_teacher(workdir):
     rl = [r for r in read_metrics(out) if r["phase"] == "rl"][0]
     assert all(rl[k] is not None and rl[k] == rl[k] for k in ("reward_mean", "loss", "kl", "approx_kl"))
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
-    tensors = [*ckpt["trainable"].values(), *ckpt["reference"].values()]
+    tensors = list(ckpt["trainable"].values())
     tensors += [v for state in ckpt["optimizer"]["state"].values() for v in state.values() if v.dim() > 0]
     assert {v.dtype for v in tensors} == {torch.float32}
+    assert {v.dtype for v in ckpt["reference"].values()} == {torch.bfloat16}  # LoRA matrices, as autocast casts them
     saved = StableDiffusionPipeline.from_pretrained(out / "student")
     teacher = redif.load_pipeline(redif.Config(**json.loads((out / "config.json").read_text())))
     for name in ("vae", "text_encoder", "unet"):
