@@ -378,19 +378,39 @@ def test_policy_loss_at_ratio_one_is_the_policy_gradient_plus_the_kl(workdir):
     latents, old = redif.sample_student(models, x_T, cond, cfg.eta, torch.Generator().manual_seed(0))
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
     params = [p for p in models.student.parameters() if p.requires_grad]
+    ref_means = redif.reference_means(models, latents, cond)  # all K steps under one switch to the reference
     for k, (t, t_prev) in enumerate(zip(*redif.sampler_grid(cfg.steps))):
-        loss, _ = redif.policy_loss_step(models, latents, old, adv, cond, k, t, t_prev)
+        loss, _ = redif.policy_loss_step(models, latents, old, adv, cond, k, t, t_prev, ref_means[:, k])
         _, log_prob, mean, std = redif.policy_step(models, models.student, latents[:, k], t, t_prev, cond, cfg.eta,
                                                    prev_sample=latents[:, k + 1])
         with torch.no_grad(), redif.reference_policy(models) as ref:
             ref_mean = redif.policy_step(models, ref, latents[:, k], t, t_prev, cond, cfg.eta,
                                          prev_sample=latents[:, k + 1])[2]
+        assert torch.equal(ref_means[:, k], ref_mean)
         kl = ((mean - ref_mean) ** 2 / (2 * std ** 2)).mean(dim=(1, 2, 3))
         assert kl.mean() > 0
         assert loss.item() == pytest.approx((-adv.mean() + cfg.beta * kl.mean()).item(), rel=1e-5, abs=1e-7)
         expected = -(adv * log_prob).mean() + cfg.beta * kl.mean()
         for a, b in zip(torch.autograd.grad(loss, params), torch.autograd.grad(expected, params)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+
+
+def test_rl_update_switches_to_the_reference_once_per_chunk(workdir, monkeypatch):
+    """E6's reference (LoRA, no BC: the teacher, i.e. the adapter off, diffusers walking every module) is switched
+    to once per --train-batch chunk for all K steps, not once per step: 4 rollouts in chunks of 2 at K = 2 give 2
+    switches (per step: 4), and the KL it yields is > 0 once the student has moved."""
+    cfg, models, rm, weights, cache, optimizer, prompts = tiny_trainer(workdir, "--train-batch", "2", "--minibatches",
+                                                                      "2", "--beta", "0.5", "--lr", "3e-3")
+    switches, real = [], type(models.student).disable_adapters
+    monkeypatch.setattr(type(models.student), "disable_adapters", lambda self: switches.append(1) or real(self))
+    cond = redif.encode_prompts(models, ["a photo of a cat"] * 2 + ["a red car on a road"] * 2)
+    x_T = redif.initial_noise([0, 0, 1, 1], models.latent_size, models.device)
+    latents, old = redif.sample_student(models, x_T, cond, cfg.eta, torch.Generator().manual_seed(0))
+    switches.clear()
+    record = redif.rl_update(models, optimizer, (latents, old, cond), torch.tensor([1.0, -1.0, 0.5, -0.5]),
+                             torch.Generator().manual_seed(0))
+    assert cfg.steps == 2 and len(switches) == 2
+    assert record["kl"] > 0  # the second minibatch's, after the first's optimiser step
 
 
 def test_the_policy_samples_at_the_student_guidance(workdir):
@@ -578,10 +598,10 @@ def test_rl_update_shuffles_rollouts_into_minibatches_with_its_generator(monkeyp
     generator (DDPO), not in rollout order (which would put whole groups of one prompt in one minibatch, the same
     ones every epoch). Stubbed loss: only which rows each minibatch holds is checked."""
     B, seen, minibatches = 8, [], []
-    cfg = types.SimpleNamespace(inner_epochs=3, minibatches=2, train_batch=2, steps=1)
+    cfg = types.SimpleNamespace(inner_epochs=3, minibatches=2, train_batch=2, steps=1, beta=0.0)
     models = types.SimpleNamespace(cfg=cfg, student=torch.nn.Linear(1, 1))
 
-    def step(models_, latents, old, adv, cond, k, t, t_prev):
+    def step(models_, latents, old, adv, cond, k, t, t_prev, ref_mean):
         seen.extend(old[:, 0].long().tolist())
         return torch.zeros((), requires_grad=True), dict(loss=0.0, kl=0.0, approx_kl=0.0, clipfrac=0.0, ratio_err=0.0)
 
@@ -655,10 +675,10 @@ def test_full_finetune_under_bf16_keeps_the_frozen_teacher_copy_in_bf16(workdir)
 def test_clipfrac_first_weights_each_chunk_by_its_rows(monkeypatch):
     """clipfrac_first is the fraction of the first minibatch's rows whose ratio left the clip range: chunks of
     --train-batch rows are averaged weighted by their rows (2 rows at 0.0 and 1 row at 1.0: 1/3, not 1/2)."""
-    cfg = types.SimpleNamespace(inner_epochs=1, minibatches=1, train_batch=2, steps=1)
+    cfg = types.SimpleNamespace(inner_epochs=1, minibatches=1, train_batch=2, steps=1, beta=0.0)
     models = types.SimpleNamespace(cfg=cfg, student=torch.nn.Linear(1, 1))
 
-    def step(models_, latents, old, adv, cond, k, t, t_prev):
+    def step(models_, latents, old, adv, cond, k, t, t_prev, ref_mean):
         frac = 1.0 if len(latents) == 1 else 0.0
         return torch.zeros((), requires_grad=True), dict(loss=0.0, kl=0.0, approx_kl=0.0, clipfrac=frac,
                                                          ratio_err=frac)
