@@ -560,8 +560,9 @@ def use_adapter(unet, name=None, scale=1.0):
     diffusers' switch walks every module (30 ms on SD1.5 on the 2-core CI host), and most calls (a K-step rollout
     asks K times) find it already switched; every switch of the scripts' UNets goes through here."""
     state = None if name is None or scale == 0 else (name, scale)
-    if getattr(unet, "_adapter_state", "unset") == state:
+    if getattr(unet, "_adapter_state", "unknown") == state:
         return
+    unet._adapter_state = "unknown"  # until the switch completes: an error (Ctrl-C) inside it leaves a mixed UNet
     if state is None:
         unet.disable_adapters()
     else:

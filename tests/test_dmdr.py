@@ -679,6 +679,24 @@ def test_use_adapter_switches_only_on_a_change_to_what_a_full_switch_gives(lora_
         unet.__dict__.pop("_adapter_state", None)  # the full switches above went around use_adapter
 
 
+def test_use_adapter_after_a_switch_that_failed_switches_again(lora_models, monkeypatch):
+    """A switch interrupted inside diffusers (Ctrl-C) leaves the UNet in no known state: the next call switches,
+    even to the state the UNet was in before."""
+    unet, calls = lora_models.unet, []
+    dmdr.use_adapter(unet, "generator")
+    real = type(unet).set_adapters
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(args)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(type(unet), "set_adapters", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dmdr.use_adapter(unet, "fake")
+    monkeypatch.setattr(type(unet), "set_adapters", lambda self, *a, **k: calls.append(a) or real(self, *a, **k))
+    dmdr.use_adapter(unet, "generator")
+    assert calls == [(["fake"],), (["generator"],)]
+
+
 def test_the_dynadg_scale_reaches_the_real_score(prompt_file, tmp_path, monkeypatch):
     """E10 in the loop: each generator update's real score runs at the (logged) DynaDG scale of its step."""
     seen, real = [], dmdr.real_x0
