@@ -824,8 +824,10 @@ def create_clip(cfg, arch, tag):
         return open_clip.model.CLIP(embed_dim=32, vision_cfg=open_clip.model.CLIPVisionCfg(
             layers=2, width=32, head_width=16, patch_size=8, image_size=32),
             text_cfg=open_clip.model.CLIPTextCfg(width=32, heads=2, layers=2))
+    quick_gelu = bool(open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu"))  # OpenAI's tags: the arch says GELU
     try:
-        return open_clip.create_model(arch, pretrained=tag if reward_pretrained(cfg) else None)
+        return open_clip.create_model(arch, pretrained=tag if reward_pretrained(cfg) else None,
+                                      force_quick_gelu=quick_gelu)
     except Exception as e:  # noqa: BLE001 - offline, unknown tag ...
         fail(f"could not load reward model {arch}/{tag}: {str(e).splitlines()[0][:500]}",
              "check the network, or --reward-weights random")
@@ -941,6 +943,8 @@ def dpo_loss(m, cfg, emb, prompts):
     with torch.no_grad():
         x0 = sample_generator(m, z, torch.cat([emb, emb]))
         r = reward_fn(m, cfg, decode(m, x0), prompts + prompts)
+    if not torch.isfinite(r).all():  # a NaN ranks as a loser: the loss would stay finite and the run go on
+        raise NonFinite(f"non-finite rewards in DPO: {r.tolist()}")
     win = (r[:B] >= r[B:]).view(B, 1, 1, 1)
     x_w, x_l = torch.where(win, x0[:B], x0[B:]), torch.where(win, x0[B:], x0[:B])
     t = m.timesteps[torch.randint(len(m.timesteps), (B,), device=m.device)]
@@ -1158,12 +1162,17 @@ def profile(m, cfg, opt_g, opt_f, step, train_prompts, metrics_path):
     row = {"phase": "profile", "iter": step, "iters": cfg.profile, "wall_s": wall, **sec, "evals": counts,
            "floor_s": floor, "wall_over_floor": wall / floor, "peak_gib": peak}  # "iter": --resume filters on it
     with open(metrics_path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(json_line(row))
 
 
 # ---------------------------------------------------------------------------------------------------
 # Evaluation: held-out prompts, fixed noise; reward, CLIP score, Frechet distance in CLIP space, PNG grid
 # ---------------------------------------------------------------------------------------------------
+def json_line(row):
+    """A metrics.jsonl line; NaN/inf -> null, so that every line is valid JSON (jq, pandas), not Python's NaN."""
+    return json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in row.items()}) + "\n"
+
+
 def frechet_distance(f1, f2):
     """||mu1 - mu2||^2 + tr(C1 + C2 - 2 (C1^1/2 C2 C1^1/2)^1/2) for features (N, E), float64."""
     f1, f2 = f1.double(), f2.double()
@@ -1352,6 +1361,8 @@ def run(argv, held):
     device = torch.device("cuda" if cuda else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if cfg.precision == "auto":  # config.json records what ran: a --resume on another machine runs the same
+        cfg.precision = "bf16" if device.type == "cuda" else "fp32"
     ckpt = out / "checkpoint.pt"
     print(run_summary(cfg, device))
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
@@ -1410,13 +1421,13 @@ def run(argv, held):
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.iters:
                 row.update(evaluate(m, cfg, eval_prompts, cache, step + 1, out))
             with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json_line(row))
             bar.set_postfix(dmd=f"{row['dmd_loss']:.4f}", fake=f"{row['fake_loss']:.4f}")
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.iters or stop:
                 save_checkpoint(ckpt, m, opt_g, opt_f, step + 1)
                 saved = step + 1
             if stop:  # a non-zero status: no generator was written, so `dmdr.py ... && next-step` stops here
-                print(f"interrupted: checkpoint at iteration {step + 1} in {ckpt} (continue with --resume)",
+                print(f"interrupted: checkpoint at iteration {step + 1} in {ckpt} (continue with --out {out} --resume)",
                       file=sys.stderr)
                 raise SystemExit(128 + stop[0])
         save_generator(m, cfg, out / "generator")
@@ -1426,7 +1437,7 @@ def run(argv, held):
         fail(str(e), f"lower --lr/--fake-lr, then --resume from {ckpt} (iteration {saved})" if saved is not None
              else "lower --lr/--fake-lr and start afresh (no checkpoint yet: one every --save-every)")
     except KeyboardInterrupt:  # a second signal: stop now, mid-iteration; the last checkpoint stays
-        print(f"aborted in iteration {step + 1}; " + (f"{ckpt} (iteration {saved}) continues with --resume"
+        print(f"aborted in iteration {step + 1}; " + (f"{ckpt} (iteration {saved}) continues with --out {out} --resume"
                                                      if saved is not None else "no checkpoint was saved"),
               file=sys.stderr)
         raise SystemExit(130)

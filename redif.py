@@ -89,7 +89,8 @@ class Config:
     steps: int = flag(5, "K, the student's sampling steps on a trailing grid (K=5: 999,799,599,399,199)")
     teacher_steps: int = flag(50, "the teacher's DDIM steps (eta 0); --steps must be below it")
     teacher_guidance: float = flag(7.5, "the teacher's CFG scale w")
-    student_guidance: float = flag(7.5, "the student's CFG scale, also at inference (our choice: like the teacher)")
+    student_guidance: float = flag(7.5, "the student's CFG scale, also at inference (our choice: like the teacher); "
+                                   "at least 1 (1: no CFG), as a stock pipeline applies it")
     algo: str = flag("grpo", "grpo: advantages normalised within each group (E4); ppo: DDPO's per-prompt statistics",
                      choices=["grpo", "ppo"])
     group: int = flag(4, "G, rollouts per (prompt, x_T), differing only in eta-noise (GRPO: >= 2; our choice 4)")
@@ -124,7 +125,8 @@ class Config:
     inner_epochs: int = flag(1, "passes over each iteration's rollouts (DDPO)")
     max_grad_norm: float = flag(1.0, "gradient clipping (DDPO)")
     ppo_buffer: int = flag(16, "--algo ppo: rewards kept per prompt (DDPO)")
-    ppo_min_count: int = flag(16, "--algo ppo: with fewer, normalise with the batch's statistics (DDPO)")
+    ppo_min_count: int = flag(16, "--algo ppo: with fewer, normalise with the batch's statistics (DDPO); at most "
+                                  "--ppo-buffer")
     eval_every: int = flag(25, "evaluate every this many iterations, and at start and end (0: start and end only)")
     eval_pairs: int = flag(16, "held-out (prompt, seed) pairs for evaluation (>= 2): the prompts in turn, each with "
                            "a seed that training never draws (the CLIP Frechet distance of so few is a trend, "
@@ -536,7 +538,7 @@ class TeacherCache:
                 with m.ctx():
                     eps = guided_eps(unet, x, t, cond, uncond, cfg.teacher_guidance, m.alphas_cumprod,
                                      m.prediction_type)
-                while len(recorded) < len(self.levels) - 1 and t >= (level := self.levels[len(recorded)]) > t_prev:
+                while len(recorded) < len(self.levels) - 1 and t >= (level := self.levels[len(recorded)]) >= t_prev:
                     jump = x if level == t else ddim_step_with_logprob(eps, t, level, x, m.alphas_cumprod, 0.0)[0]
                     recorded.append(jump)
                 x = ddim_step_with_logprob(eps, t, t_prev, x, m.alphas_cumprod, eta=0.0)[0]
@@ -623,7 +625,9 @@ def load_reward_models(cfg, weights, device):
         if tiny:
             vision = open_clip.model.CLIPVisionCfg(layers=2, width=32, head_width=16, patch_size=8, image_size=32)
             return open_clip.model.CLIP(32, vision, open_clip.model.CLIPTextCfg(width=32, heads=2, layers=2))
-        return open_clip.create_model(arch, pretrained=tag if pretrained else None)
+        # OpenAI's weights were trained with QuickGELU, which the arch's own config (GELU) does not say
+        quick_gelu = bool(open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu"))
+        return open_clip.create_model(arch, pretrained=tag if pretrained else None, force_quick_gelu=quick_gelu)
 
     with torch.random.fork_rng(devices=[]):
         name = f"{cfg.clip_model}/{cfg.clip_pretrained}"
@@ -1173,7 +1177,7 @@ def validate(cfg):
         fail(f"--group {cfg.group}: GRPO normalises within a group and needs at least 2", "use --group 4 or --algo ppo")
     positive = ("group", "prompts_per_iter", "seed_pool", "minibatches", "train_batch", "sample_batch", "inner_epochs",
                 "ckpt_every", "teacher_batch", "max_nan_skips", "lora_rank", "resolution", "ppo_buffer",
-                "max_grad_norm", "clip_range", "adv_clip_max")  # max_grad_norm <= 0 would reverse or zero the step
+                "ppo_min_count", "max_grad_norm", "clip_range", "adv_clip_max")  # max_grad_norm <= 0: ascent or no step
     non_negative = ("iters", "bc_iters", "eval_every", "lr", "beta")  # lr 0: resume frozen, to evaluate
     for f in dataclasses.fields(Config):
         name, value = "--" + f.name.replace("_", "-"), getattr(cfg, f.name)
@@ -1194,6 +1198,12 @@ def validate(cfg):
     if cfg.iters > 0 and not 0 < cfg.eta <= 1:
         fail(f"--eta {cfg.eta} is not in (0, 1]: an eta-0 step has no log-probability, and above 1 the step is no "
              "longer DDIM's", "use --eta 1.0")
+    if cfg.algo == "ppo" and cfg.ppo_min_count > cfg.ppo_buffer:  # the buffer never reaches it: batch statistics
+        fail(f"--ppo-min-count {cfg.ppo_min_count} is above --ppo-buffer {cfg.ppo_buffer}: per-prompt statistics would "
+             "never be used", f"use --ppo-min-count {cfg.ppo_buffer} or less")
+    if cfg.student_guidance < 1:  # diffusers: CFG only when guidance_scale > 1, the conditional eps below it
+        fail(f"--student-guidance {cfg.student_guidance}: below 1 a stock diffusers pipeline samples without CFG, not "
+             "as the student trained", "use --student-guidance 1 (no CFG) or more")
     if cfg.eval_pairs < 2:
         fail("--eval-pairs must be at least 2 (the Frechet distance needs a covariance)", "use --eval-pairs 16")
     return parse_reward(cfg.reward), load_prompts(cfg)
@@ -1436,6 +1446,8 @@ def run(argv, held):
     if cfg.resume:
         check_same_prompts(out, prompts)
     device = pick_device(cfg)
+    if cfg.precision == "auto":  # config.json records what ran: a --resume on another machine runs the same
+        cfg.precision = "bf16" if device.type == "cuda" else "fp32"
     print(run_summary(cfg, device))
     pipe = load_pipeline(cfg)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -1490,7 +1502,7 @@ def run(argv, held):
     old_handlers = {sig: signal.signal(sig, on_signal) for sig in handled}
     saved = step if cfg.resume else None  # the iteration count of the checkpoint on disk
     try:
-        if step == 0:
+        if not cfg.resume:  # a checkpoint, even at iteration 0, comes after this eval's line
             evaluate_and_log(0)
         bar = tqdm(range(step, total), initial=step, total=total, desc="redif", disable=None)
         for step in bar:
@@ -1508,7 +1520,8 @@ def run(argv, held):
                      "skipped, checkpoint saved)",
                      "check the reward models and --reward weights, lower --lr, then --resume")
             if stop:  # a non-zero status: no student was written, so `redif.py ... && next-step` stops here
-                print(f"saved {out / 'checkpoint.pt'} at iteration {count}; continue with --resume", file=sys.stderr)
+                print(f"saved {out / 'checkpoint.pt'} at iteration {count}; continue with --out {out} --resume",
+                      file=sys.stderr)
                 raise SystemExit(128 + stop[0])
         if saved is None:  # --bc-iters 0 --iters 0: the student is the teacher, and still a run to resume
             save_checkpoint(out / "checkpoint.pt", step, models, optimizer, tracker, nan_state)
@@ -1516,8 +1529,9 @@ def run(argv, held):
         print(f"student saved to {out / 'student'}: {cfg.steps} steps, guidance {cfg.student_guidance}, eta 0")
         return out
     except KeyboardInterrupt:  # a second signal: stop mid-iteration; the checkpoint on disk stays as it was
-        print("aborted mid-iteration; " + (f"{out / 'checkpoint.pt'} (iteration {saved}) continues with --resume"
-                                           if saved is not None else "no checkpoint was saved"), file=sys.stderr)
+        print("aborted mid-iteration; " + (f"{out / 'checkpoint.pt'} (iteration {saved}) continues with --out {out} "
+                                           "--resume" if saved is not None else "no checkpoint was saved"),
+              file=sys.stderr)
         raise SystemExit(130)
     except OSError as e:  # the disk filled (or went read-only) under the metrics or a sample grid
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):

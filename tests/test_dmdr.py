@@ -47,8 +47,20 @@ def tiny_args(prompt_file, out, rl="none", iters=2, *extra):
     return args + (["--rl-start", "0"] if rl != "none" else []) + list(extra)
 
 
+def strict_json(line):
+    """json.loads as jq and pandas read: Python's NaN/Infinity tokens are not JSON."""
+    return json.loads(line, parse_constant=lambda token: pytest.fail(f"{token} in metrics.jsonl: not JSON"))
+
+
 def read_metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [strict_json(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_nan_frechet_distance_is_logged_as_null(prompt_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(dmdr, "frechet_distance", lambda f1, f2: float("nan"))
+    dmdr.main(tiny_args(prompt_file, tmp_path, "none", 1))
+    (row,) = read_metrics(tmp_path)
+    assert row["eval_fd_clip"] is None and math.isfinite(row["dmd_loss"])
 
 
 @pytest.fixture(scope="module")
@@ -226,8 +238,9 @@ def test_sigterm_checkpoints_and_an_ignored_sigint_stays_ignored(prompt_file, tm
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is term
     assert stopped.value.code == 128 + signal.SIGTERM
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 1
-    assert capsys.readouterr().err.splitlines()[-1] == (f"interrupted: checkpoint at iteration 1 in "
-                                                        f"{tmp_path / 'checkpoint.pt'} (continue with --resume)")
+    ckpt = tmp_path / "checkpoint.pt"
+    assert capsys.readouterr().err.splitlines()[-1] == (f"interrupted: checkpoint at iteration 1 in {ckpt} "
+                                                        f"(continue with --out {tmp_path} --resume)")
 
 
 def test_a_second_ctrl_c_aborts_mid_iteration_in_one_line_and_keeps_the_checkpoint(prompt_file, tmp_path,
@@ -244,7 +257,7 @@ def test_a_second_ctrl_c_aborts_mid_iteration_in_one_line_and_keeps_the_checkpoi
         dmdr.main(tiny_args(prompt_file, tmp_path, "none", 3, "--save-every", "1", "--eval-every", "1000"))
     assert stopped.value.code == 130
     assert capsys.readouterr().err.splitlines()[-1] == (f"aborted in iteration 2; {tmp_path / 'checkpoint.pt'} "
-                                                        "(iteration 1) continues with --resume")
+                                                        f"(iteration 1) continues with --out {tmp_path} --resume")
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 1
 
 
@@ -284,7 +297,8 @@ def test_nan_loss_is_one_line_error_keeps_the_last_checkpoint_and_resumes_with_a
     assert "resume: lr 0.0001 -> 3e-05" in capsys.readouterr().out
     assert [r["iter"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
     assert [r["lr"] for r in read_metrics(tmp_path)] == [1e-4, 1e-4, 3e-5, 3e-5]
-    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 3e-5
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["lr"] == 3e-5 and config["precision"] == "fp32"  # auto, as it resolved: a resume elsewhere keeps it
 
 
 def test_nan_loss_before_any_checkpoint_says_so(prompt_file, tmp_path, monkeypatch):
@@ -299,12 +313,19 @@ def test_nan_loss_before_any_checkpoint_says_so(prompt_file, tmp_path, monkeypat
     assert [r["iter"] for r in read_metrics(tmp_path)] == [1] and (tmp_path / "generator").is_dir()
 
 
-def test_nan_grpo_rewards_stop_in_one_line(prompt_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(dmdr, "reward_fn", lambda m, cfg, images, prompts: torch.full((len(images),), float("nan")))
+@pytest.mark.parametrize("rl", ["grpo", "dpo"])
+def test_nan_rewards_stop_in_one_line(rl, prompt_file, tmp_path, monkeypatch):
+    """One NaN among the rewards stops the run (DPO once ranked it a loser and went on with a finite loss)."""
+    def reward_fn(m, cfg, images, prompts):
+        r = torch.arange(len(images), dtype=torch.float32)
+        r[-1] = float("nan")
+        return r
+    monkeypatch.setattr(dmdr, "reward_fn", reward_fn)
     with pytest.raises(SystemExit) as e:
-        dmdr.main(tiny_args(prompt_file, tmp_path, "grpo", 1, "--steps", "2"))
+        dmdr.main(tiny_args(prompt_file, tmp_path, rl, 1, "--steps", "2"))
     msg = str(e.value)
-    assert msg.startswith("error: non-finite rewards in GRPO") and "(fix: lower --lr" in msg and "\n" not in msg
+    assert msg.startswith(f"error: non-finite rewards in {rl.upper()}") and "(fix: lower --lr" in msg
+    assert "\n" not in msg
 
 
 def test_a_checkpoint_of_the_other_generator_kind_is_refused(runs, prompt_file, tmp_path):
@@ -1516,6 +1537,14 @@ def test_dmdr_eval_reward_is_the_generators_reward(lora_models, prompt_file, tmp
     assert abs(ours - teachers) > 1e-6
     assert metrics["eval_reward"] == pytest.approx(ours, rel=1e-5)
 
+
+def test_clip_for_openai_weights_is_built_with_quick_gelu(prompt_file, tmp_path):
+    """As redif.py's: OpenAI's tags (the aesthetic head's ViT-L-14/openai) were trained with QuickGELU, which the
+    arch config does not say. ViT-B-32 with random weights (an offline teacher) stands in for ViT-L-14."""
+    from open_clip.transformer import QuickGELU
+    cfg = dmdr.parse_args(["--teacher", "sd15-random", "--device", "cpu", "--out", str(tmp_path)])
+    clip = dmdr.create_clip(cfg, "ViT-B-32", "openai")
+    assert {type(b.mlp.gelu) for b in [*clip.visual.transformer.resblocks, *clip.transformer.resblocks]} == {QuickGELU}
 
 def test_aesthetic_reward_loads_the_laion_checkpoint_and_is_differentiable(prompt_file, tmp_path, monkeypatch):
     """--reward clip_text=1,aesthetic=0.05: the head loads a checkpoint in the LAION predictor's own format

@@ -57,7 +57,9 @@ def test_setting_up_the_models_prints_no_upstream_noise(workdir, modeling_log):
 
 
 def read_metrics(folder):
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    """As jq and pandas read it: Python's NaN/Infinity tokens are not JSON."""
+    return [json.loads(line, parse_constant=lambda token: pytest.fail(f"{token} in metrics.jsonl: not JSON"))
+            for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
 def stable(records):
@@ -166,7 +168,7 @@ def test_a_second_ctrl_c_aborts_mid_iteration_in_one_line_and_keeps_the_checkpoi
         redif.main(tiny_args(workdir, "twice", *flags))
     assert stopped.value.code == 130
     assert capsys.readouterr().err.splitlines()[-1] == (f"aborted mid-iteration; {out / 'checkpoint.pt'} "
-                                                        "(iteration 1) continues with --resume")
+                                                        f"(iteration 1) continues with --out {out} --resume")
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 1
 
 
@@ -593,6 +595,40 @@ def test_teacher_cache_reaches_a_level_between_teacher_steps_by_the_ddim_jump(tm
     torch.testing.assert_close(states[0, 3], x[0], rtol=1e-4, atol=1e-4)
 
 
+def test_teacher_cache_records_every_student_level_whatever_the_two_grids(tmp_path, monkeypatch):
+    """Every (K, N) pair of student and teacher steps gives K + 1 states, each the teacher's eta-0 state at that
+    level: x_t where a teacher timestep t equals it, else the DDIM jump from the lowest teacher timestep above it.
+    On an N not dividing 1000 diffusers' t_prev = t - 1000 // N can lie one above the next grid point, and a level
+    equal to that t_prev was once skipped (K=3 of 12: 333 after 416 -> 333, 332 -> ..., K states, and BC failed).
+    A cheap closed-form eps stands in for the UNet; diffusers' DDIMScheduler is the independent teacher."""
+    cfg = redif.parse_args(["--teacher", "tiny", "--device", "cpu", "--resolution", "8", "--out", str(tmp_path)])
+    pipe = redif.load_pipeline(cfg)
+    models = redif.setup_models(cfg, pipe, torch.device("cpu"))
+    monkeypatch.setattr(redif, "guided_eps", lambda unet, x, t, *args: 0.5 * torch.sin(x + int(t) / 97))
+    ab, sched, pairs = pipe.scheduler.alphas_cumprod, pipe.scheduler, 0
+    for n in (12, 30, 35):
+        for k in range(1, n):
+            if len(redif.trailing_timesteps(k)) != k:  # refused by check_grid
+                continue
+            models.cfg.steps, models.cfg.teacher_steps = k, n
+            cache = redif.TeacherCache(tmp_path / "cache", models)
+            states = cache.sample(["a photo of a cat"], [0])
+            assert states.shape[1] == k + 1, (k, n)
+            sched.set_timesteps(n)
+            x, teacher = states[:, 0], []
+            for t in sched.timesteps.tolist():
+                eps = 0.5 * torch.sin(x + t / 97)
+                teacher.append((t, x, eps))
+                x = sched.step(eps, t, x, eta=0.0).prev_sample
+            for level, state in zip(cache.levels[:-1], states.unbind(1)):
+                t, x_t, eps = min((s for s in teacher if s[0] >= level), key=lambda s: s[0])
+                x0 = (x_t - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()
+                want = x_t if t == level else ab[level].sqrt() * x0 + (1 - ab[level]).sqrt() * eps
+                torch.testing.assert_close(state, want, rtol=1e-5, atol=1e-5, msg=f"K={k} N={n} level {level}")
+            torch.testing.assert_close(states[:, -1], x, rtol=1e-5, atol=1e-5)
+            pairs += 1
+    assert pairs > 60
+
 def test_rl_update_shuffles_rollouts_into_minibatches_with_its_generator(monkeypatch):
     """R07: each inner epoch splits the rollouts into --minibatches by a fresh permutation drawn from the run's
     generator (DDPO), not in rollout order (which would put whole groups of one prompt in one minibatch, the same
@@ -926,7 +962,8 @@ def test_ppo_with_full_finetune_and_gradient_checkpointing(workdir):
                          "--reward", "latent=1", "--gradient-checkpointing"))
     train = [r for r in read_metrics(out) if r["phase"] == "rl"]
     assert len(train) == 2 and all(r["loss"] is not None for r in train) and train[1]["kl"] > 0
-    assert json.loads((out / "config.json").read_text())["lr"] == 1e-5
+    config = json.loads((out / "config.json").read_text())
+    assert config["lr"] == 1e-5 and config["precision"] == "fp32"  # auto, as it resolved: a resume elsewhere keeps it
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert set(ckpt["tracker"]) <= {"a photo of a cat", "a red car on a road"}
     assert sum(len(v) for v in ckpt["tracker"].values()) == 4  # 2 iterations x 2 rollouts
@@ -1321,6 +1358,18 @@ def test_run_summary_names_device_and_precision_and_warns_of_a_cpu_run_at_sd_sca
         assert len(summary("cuda", *args, "--precision", "fp32")) == 1
 
 
+def test_clip_for_openai_weights_is_built_with_quick_gelu(workdir):
+    """OpenAI's CLIP weights (the aesthetic head's ViT-L-14/openai, any --clip-pretrained openai) were trained with
+    QuickGELU, which open_clip's arch configs do not say: built with GELU, every embedding would be off. ViT-B-32
+    (random weights: sd15-random's reward models) stands in for ViT-L-14; a LAION tag keeps GELU."""
+    from open_clip.transformer import QuickGELU
+    for tag, act in (("openai", QuickGELU), ("laion2b_s34b_b79k", torch.nn.GELU)):
+        cfg = redif.parse_args(["--teacher", "sd15-random", "--device", "cpu", "--clip-model", "ViT-B-32",
+                                "--clip-pretrained", tag, "--out", str(workdir / "unused")])
+        clip = redif.load_reward_models(cfg, {"clip": 1.0}, torch.device("cpu")).clip
+        blocks = [*clip.visual.transformer.resblocks, *clip.transformer.resblocks]
+        assert {type(b.mlp.gelu) for b in blocks} == {act}, tag
+
 def test_evaluation_scores_the_teachers_aesthetic_on_the_teachers_images(workdir, tmp_path):
     """eval_aesthetic_teacher is the aesthetic score of the teacher's held-out images and
     eval_aesthetic_student that of the eta-0 student's, both by hand (the full run only reads the student's)."""
@@ -1405,7 +1454,11 @@ def test_bad_inputs(workdir, monkeypatch):
                           (["--reward", "clip=nan"], "--reward weight clip=nan is not finite"),
                           (["--seed", str(2 ** 32)], f"--seed {2 ** 32} is out of range"),
                           (["--teacher-batch", str(2 ** 31)], f"--teacher-batch {2 ** 31} is too large"),
-                          (["--seed-pool", str(10 ** 9 + 1)], "would draw the held-out evaluation seeds")):
+                          (["--seed-pool", str(10 ** 9 + 1)], "would draw the held-out evaluation seeds"),
+                          (["--ppo-min-count", "0"], "--ppo-min-count 0 must be positive"),
+                          (["--algo", "ppo", "--ppo-buffer", "8", "--ppo-min-count", "16"],
+                           "--ppo-min-count 16 is above --ppo-buffer 8"),  # DDPO's tracker: batch statistics for ever
+                          (["--student-guidance", "0.5"], "--student-guidance 0.5: below 1 a stock diffusers")):
         expect_error(tiny + args, message)
     (workdir / "afile").write_text("")
     expect_error(["--teacher", "tiny", "--out", str(workdir / "afile")], "--out", "is a file")
@@ -1462,6 +1515,8 @@ def test_a_run_of_no_iterations_is_still_a_run(workdir):
     out = redif.main(tiny_args(workdir, "zero", "--bc-iters", "0", "--iters", "0", "--reward", "latent=1"))
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 0 and (out / "student").is_dir()
     expect_error(tiny_args(workdir, "zero"), "already holds a run", "pass --resume")
+    redif.main(["--out", str(out), "--resume", "--iters", "1"])  # its iteration-0 eval is not logged twice
+    assert [(r["iter"], r["phase"]) for r in read_metrics(out)] == [(0, "eval"), (0, "rl"), (1, "eval")]
 
 
 def test_a_broken_run_folder_is_one_line_on_resume(full_run, workdir, tmp_path):
