@@ -601,7 +601,8 @@ def test_teacher_cache_records_every_student_level_whatever_the_two_grids(tmp_pa
     On an N not dividing 1000 diffusers' t_prev = t - 1000 // N can lie one above the next grid point, and a level
     equal to that t_prev was once skipped (K=3 of 12: 333 after 416 -> 333, 332 -> ..., K states, and BC failed).
     A cheap closed-form eps stands in for the UNet; diffusers' DDIMScheduler is the independent teacher."""
-    cfg = redif.parse_args(["--teacher", "tiny", "--device", "cpu", "--resolution", "8", "--out", str(tmp_path)])
+    cfg = redif.parse_args(["--teacher", "tiny", "--device", "cpu", "--resolution", "8", "--finetune", "full",
+                            "--out", str(tmp_path)])  # full: no adapter switch around each teacher run
     pipe = redif.load_pipeline(cfg)
     models = redif.setup_models(cfg, pipe, torch.device("cpu"))
     monkeypatch.setattr(redif, "guided_eps", lambda unet, x, t, *args: 0.5 * torch.sin(x + int(t) / 97))
