@@ -10,8 +10,8 @@ from hypothesis import given, settings, strategies as st
 from toy import baselines, bench, fake_study
 from toy.baselines import (consistency_distillation, consistency_fn, consistency_sample, progressive_distillation,
                            progressive_start_steps)
-from toy.diffusion import (DTYPE, EpsMLP, GaussianMixture, pretrain_student, student_sample, teacher_sample,
-                           trailing_timesteps)
+from toy.diffusion import (DTYPE, EpsMLP, GaussianMixture, add_noise, ddim_sample, pretrain_student, sd_alphas_cumprod,
+                           student_sample, teacher_sample, trailing_timesteps)
 from toy.dmdr import ToyDMDRConfig, generate, toy_reward, train_dmdr
 from toy.redif import (PerPromptStatTracker, ToyReDiFConfig, alignment_error, alignment_reward, behaviour_cloning,
                        clipped_surrogate, gaussian_kl, grpo_advantages, semantic_embed, teacher_grid_steps,
@@ -244,8 +244,10 @@ def test_redif_rl_alone_lowers_alignment_error(data, student, held_out):
     model, history = train_redif(data, student, cfg, seed=0)
     after = error_of(lambda x, l, K: student_sample(model, x, l, K), held_out, 2)
     assert after < 0.85 * before
-    assert len(history) == 30 and all(math.isfinite(v) for h in history for v in h.values())
-    first, last = (sum(h["reward_mean"] for h in part) / 5 for part in (history[:5], history[-5:]))
+    assert [h["iter"] for h in history] == list(range(31))
+    assert all(math.isfinite(v) for h in history for v in h.values())
+    assert history[0]["heldout_align_err"] > history[-1]["heldout_align_err"]  # iter 0: the RL start
+    first, last = (sum(h["reward_mean"] for h in part) / 5 for part in (history[1:6], history[-5:]))
     assert last > first + 0.2
 
 
@@ -357,10 +359,13 @@ def test_redif_held_out_error_is_the_eta0_students():
     data = GaussianMixture()
     torch.manual_seed(0)
     cfg = ToyReDiFConfig(steps=2, iters=2, bc_iters=0, groups=4, group_size=2, pool=64, eval_size=32, eta=1.0)
-    model, history = train_redif(data, EpsMLP(data.num_modes), cfg, seed=0)
+    init = EpsMLP(data.num_modes)
+    model, history = train_redif(data, init, cfg, seed=0)
     labels, x_T, teacher = teacher_pairs(data, cfg.eval_size, 30_000)
-    x = student_sample(model, x_T, labels, cfg.steps, cfg.guidance)
-    assert history[-1]["heldout_align_err"] == pytest.approx(alignment_error(x, teacher), rel=1e-12)
+    for h, m in ((history[0], init), (history[-1], model)):  # iter 0: the RL start, which the model moved from
+        x = student_sample(m, x_T, labels, cfg.steps, cfg.guidance)
+        assert h["heldout_align_err"] == pytest.approx(alignment_error(x, teacher), rel=1e-12)
+    assert history[0]["heldout_align_err"] != history[-1]["heldout_align_err"]
 
 
 def test_redif_kl_reference_is_the_student_as_rl_started():
@@ -372,25 +377,55 @@ def test_redif_kl_reference_is_the_student_as_rl_started():
     cfg = ToyReDiFConfig(steps=2, iters=2, bc_iters=0, groups=4, group_size=2, pool=64, eval_size=16, eta=1.0,
                          inner_epochs=1, minibatches=1, lr=1e-3, beta=0.01)
     _, history = train_redif(data, EpsMLP(data.num_modes), cfg, seed=0)
-    assert history[0]["kl"] == 0 and history[1]["kl"] > 0
+    assert history[1]["kl"] == 0 and history[2]["kl"] > 0  # history[0]: the RL start's held-out metrics
 
 
 def bench_rows(ks, values):
     """Synthetic bench rows for check_claims: every method at every K, metrics from values[(method, K)] or base."""
-    methods = ["teacher K-step DDIM", "student init", "PD", "CD", "ReDiF BC only (E7)", "ReDiF-GRPO", "ReDiF-PPO",
-               "DMD init (no CFG)", "DMD (no RL)", "RL only (ReFL)", "DMDR (DMD+ReFL)"]
+    methods = ["teacher K-step DDIM", "student init", "PD", "CD", "CD floor (teacher as f)", "ReDiF BC only (E7)",
+               "ReDiF-GRPO", "ReDiF-PPO", "DMD init (no CFG)", "DMD (no RL)", "RL only (ReFL)", "DMDR (DMD+ReFL)"]
     base = dict(align_err=0.5, sw2=0.5, mmd=0.5, coverage=1.0, on_support=0.9, reward=0.1, reward_diff_se=0.01,
                 train_s=0.0)
     rows = [dict(method="data (2nd draw)", K=0, **base), dict(method="teacher 50-step", K=50, **base)]
     return rows + [dict(base, method=m, K=K, **values.get((m, K), {})) for m in methods for K in ks]
 
 
-def claims_of(values):
-    """check_claims on bench_rows(values) at K=2, with the same held-out histories for every ReDiF run."""
-    cfg = bench.BenchConfig(ks=(2,), redif_k=2)
+def claims_of(values, K=2):
+    """check_claims on bench_rows(values) at K, with the same held-out histories for every ReDiF run."""
+    cfg = bench.BenchConfig(ks=(K,), redif_k=K)
     hist = [dict(heldout_align_err=e, heldout_reward=r) for e, r in ((0.3, 0.1), (0.2, 0.2), (0.25, 0.3))]
-    histories = {(a + s, 2): hist for a in ("grpo", "ppo") for s in ("", "-stress", "-proxy", "-proxy-stress")}
-    return {c.split(" (")[0]: v for c, v, _ in bench.check_claims(bench_rows((2,), values), histories, cfg)}
+    histories = {(a + s, K): hist for a in ("grpo", "ppo") for s in ("", "-stress", "-proxy", "-proxy-stress")}
+    claims = bench.check_claims(bench_rows((K,), values), histories, cfg)
+    return {c.split(" (")[0].split(",")[0]: v for c, v, _ in claims}
+
+
+def test_bench_compares_cd_on_alignment_at_k1_only():
+    """CD's multistep sampler renoises with fresh noise, so from K = 2 its alignment error has a floor no CD model
+    beats: ReDiF losing to CD there does not count, losing at K = 1 does; losing to PD counts at every K."""
+    claim = "ReDiF beats progressive distillation at the same K"
+    for K, cd, pd, verdict in ((2, 0.1, 0.5, "REPRODUCED"), (1, 0.1, 0.5, "NOT REPRODUCED"),
+                               (2, 0.5, 0.1, "NOT REPRODUCED"), (1, 0.5, 0.4, "REPRODUCED")):
+        claims = claims_of({("ReDiF-GRPO", K): dict(align_err=0.3), ("CD", K): dict(align_err=cd),
+                            ("PD", K): dict(align_err=pd)}, K)
+        assert claims[claim] == f"{verdict} ({int(verdict == 'REPRODUCED')}/1 K)", (K, cd, pd)
+
+
+def test_the_cd_floor_is_the_teacher_at_one_step_and_renoises_after():
+    """teacher_consistency_sample: a perfect consistency model (the teacher's ODE from t down its own grid) gives
+    the 50-step teacher's output exactly at K = 1; at K = 2 it is the teacher's ODE from 499 applied to the K = 1
+    output renoised with the generator's first draw."""
+    data = GaussianMixture()
+    labels, x_T, x_teacher = teacher_pairs(data, 64, 5)
+    torch.testing.assert_close(bench.teacher_consistency_sample(data, x_T, labels, 1, torch.Generator()), x_teacher,
+                               rtol=0, atol=0)
+    ac, grid = sd_alphas_cumprod(), trailing_timesteps(50)
+    noise = torch.randn(x_T.shape, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
+    x_499 = add_noise(x_teacher, noise, ac[499])
+    want = ddim_sample(lambda z, s: data.guided_eps(z, s, labels, 2.0, ac), x_499,
+                       torch.cat([grid.new_tensor([499]), grid[grid < 499]]), ac)
+    got = bench.teacher_consistency_sample(data, x_T, labels, 2, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert alignment_error(got, x_teacher) > 0.01
 
 
 def test_bench_claims_read_their_rules_the_right_way_round():
@@ -431,7 +466,7 @@ def test_bench_proxy_summary_in_closed_form():
     assert up_but_stable["degrade"] == pytest.approx(0.1) and up_but_stable["onset"] is None
     assert up_but_stable["over"] is False
     down_but_degraded = bench.proxy_summary(hist((0.3, 0.1, 0.2), (0.3, 0.2, 0.1)))
-    assert down_but_degraded["degrade"] == pytest.approx(1.0) and down_but_degraded["onset"] == 3
+    assert down_but_degraded["degrade"] == pytest.approx(1.0) and down_but_degraded["onset"] == 2  # [0]: the start
     assert down_but_degraded["over"] is False
     assert bench.proxy_summary(hist((0.3, 0.1, 0.2), (0.1, 0.2, 0.3)))["over"] is True
 
@@ -456,14 +491,14 @@ def test_bench_proxy_claim_needs_ppos_onset_five_epochs_before_grpos():
     """Both over-optimise by the same amount; PPO's onset comes 2 epochs AFTER GRPO's, so PPO is not worse:
     the claim is not reproduced in either setting."""
     cfg = bench.BenchConfig(redif_k=5, redif_iters=6)
-    grpo = _proxy_hist((0.3, 0.1, 0.2, 0.2, 0.2, 0.2), (0.1, 0.2, 0.3, 0.3, 0.3, 0.3))  # onset 3
-    ppo = _proxy_hist((0.3, 0.1, 0.1, 0.1, 0.2, 0.2), (0.1, 0.2, 0.3, 0.3, 0.3, 0.3))  # onset 5
-    assert bench.proxy_summary(grpo)["onset"] == 3 and bench.proxy_summary(ppo)["onset"] == 5
+    grpo = _proxy_hist((0.3, 0.1, 0.2, 0.2, 0.2, 0.2), (0.1, 0.2, 0.3, 0.3, 0.3, 0.3))  # onset 2 ([0]: the start)
+    ppo = _proxy_hist((0.3, 0.1, 0.1, 0.1, 0.2, 0.2), (0.1, 0.2, 0.3, 0.3, 0.3, 0.3))  # onset 4
+    assert bench.proxy_summary(grpo)["onset"] == 2 and bench.proxy_summary(ppo)["onset"] == 4
     histories = {(a + s, 5): h for a, h in (("grpo", grpo), ("ppo", ppo)) for s in ("-proxy", "-proxy-stress")}
     _, verdict, _ = bench.proxy_claim(histories, cfg)
     assert verdict.startswith("NOT REPRODUCED") and "both over-optimise" in verdict
     early = _proxy_hist((0.3, 0.1, 0.2, 0.2, 0.2, 0.2), (0.1, 0.2, 0.3, 0.3, 0.3, 0.3))
-    late = _proxy_hist((0.3, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.2), (0.1,) + (0.3,) * 8)  # onset 9 = 3 + 6
+    late = _proxy_hist((0.3, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.2), (0.1,) + (0.3,) * 8)  # onset 8 = 2 + 6
     histories = {(a + s, 5): h for a, h in (("grpo", late), ("ppo", early)) for s in ("-proxy", "-proxy-stress")}
     assert bench.proxy_claim(histories, cfg)[1] == "REPRODUCED"
 
@@ -608,7 +643,7 @@ def test_the_surrogate_gets_each_rollouts_group_advantage_at_every_step(monkeypa
     monkeypatch.setattr(toy_redif, "clipped_surrogate",
                         lambda lp, old, adv, clip: advs.append(adv.clone()) or surrogate(lp, old, adv, clip))
     toy_redif.train_redif(data, student, cfg, seed=0)
-    R = rewards[0].reshape(cfg.groups, cfg.group_size)  # the first call: the training rollouts' rewards
+    R = rewards[1].reshape(cfg.groups, cfg.group_size)  # [0]: the RL start's held-out eval; [1]: the rollouts'
     expected = ((R - R.mean(1, keepdim=True)) / (R.std(1, unbiased=False, keepdim=True) + 1e-4)).flatten()
     adv = advs[0].reshape(cfg.steps, -1)  # (K, b): minibatches = 1, so b = all 16 rollouts, shuffled
     assert R.std(1).min() > 0  # eta > 0: the rewards differ within every group

@@ -260,7 +260,8 @@ class ToyReDiFConfig:
 
 
 def train_redif(data, student_init, cfg, seed=0):
-    """E7 then GRPO or PPO (E1-E6). Returns (model, history); history: one dict per iteration."""
+    """E7 then GRPO or PPO (E1-E6). Returns (model, history): the held-out metrics of the RL start (iter 0; the
+    over-optimisation experiments measure from it), then one dict per iteration (iter 1..iters)."""
     if cfg.algo not in ("grpo", "ppo"):
         raise ValueError(f"algo must be 'grpo' or 'ppo', got {cfg.algo!r}")
     if cfg.eta <= 0:
@@ -278,8 +279,13 @@ def train_redif(data, student_init, cfg, seed=0):
     timesteps = trailing_timesteps(cfg.steps)
     pool_labels, pool_x_T, pool_teacher = teacher_pairs(data, cfg.pool, 20_000 + seed)
     eval_labels, eval_x_T, eval_teacher = teacher_pairs(data, cfg.eval_size, 30_000 + seed)
-    history = []
-    for it in range(cfg.iters):
+
+    def heldout(model):  # the student as deployed: eta 0, deterministic
+        x_eval = student_sample(model, eval_x_T, eval_labels, cfg.steps, cfg.guidance)
+        return dict(heldout_align_err=alignment_error(x_eval, eval_teacher),
+                    heldout_reward=alignment_reward(x_eval, eval_teacher, cfg.reward, data.means).mean().item())
+    history = [dict(iter=0, **heldout(model))]
+    for it in range(1, cfg.iters + 1):
         # 1. sample: G episodes per (label, x_T), all with the same teacher output
         idx = torch.randint(cfg.pool, (cfg.groups,), generator=g).repeat_interleave(cfg.group_size)
         labels, x_T, x_teacher = pool_labels[idx], pool_x_T[idx], pool_teacher[idx]  # (B,), (B, 2), (B, 2)
@@ -309,10 +315,6 @@ def train_redif(data, student_init, cfg, seed=0):
                 opt.step()
                 clipfracs.append(((log_prob - old).exp().sub(1).abs() > cfg.clip_range).double().mean().item())
                 kls.append(kl.item())
-        x_eval = student_sample(model, eval_x_T, eval_labels, cfg.steps, cfg.guidance)  # eta = 0 at inference
         history.append(dict(iter=it, reward_mean=rewards.mean().item(), kl=sum(kls) / len(kls),
-                            clipfrac=sum(clipfracs) / len(clipfracs),
-                            heldout_align_err=alignment_error(x_eval, eval_teacher),
-                            heldout_reward=alignment_reward(x_eval, eval_teacher, cfg.reward,
-                                                            data.means).mean().item()))
+                            clipfrac=sum(clipfracs) / len(clipfracs), **heldout(model)))
     return model.requires_grad_(False).eval(), history
