@@ -1361,8 +1361,8 @@ def run(argv, held):
     device = torch.device("cuda" if cuda else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if cfg.precision == "auto":  # config.json records what ran: a --resume on another machine runs the same
-        cfg.precision = "bf16" if device.type == "cuda" else "fp32"
+    # config.json records what "auto" became: a --resume on another machine runs the same precision
+    cfg.precision = "bf16" if frozen_dtype(cfg, device) == torch.bfloat16 else "fp32"
     ckpt = out / "checkpoint.pt"
     print(run_summary(cfg, device))
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)

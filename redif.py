@@ -1446,8 +1446,8 @@ def run(argv, held):
     if cfg.resume:
         check_same_prompts(out, prompts)
     device = pick_device(cfg)
-    if cfg.precision == "auto":  # config.json records what ran: a --resume on another machine runs the same
-        cfg.precision = "bf16" if device.type == "cuda" else "fp32"
+    # config.json records what "auto" became: a --resume on another machine runs the same precision
+    cfg.precision = "bf16" if frozen_dtype(cfg, device) == torch.bfloat16 else "fp32"
     print(run_summary(cfg, device))
     pipe = load_pipeline(cfg)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
